@@ -1,0 +1,262 @@
+"""Typed run configuration, loaded from TOML, overridden by ``--set``, validated here.
+
+A run config has three sections -- ``[model]``, ``[data]``, ``[train]`` -- and
+the model has one sub-section per memory mechanism (``[model.knn]``, ...).
+``load_config(path, overrides)`` is the single entry point; every check on
+values lives in ``validate``. Errors are one-line ``MemformersError``s that
+name the key and, for unknown keys, suggest the closest known one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memformers.errors import MemformersError
+from memformers.memory.configs import ContinuousConfig, InfiniConfig, KNNConfig, PKMConfig
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # overwritten from the corpus tokenizer at train time
+    n_layers: int = 6
+    d_model: int = 256
+    n_heads: int = 8
+    head_dim: int = 32
+    d_ff: int = 1024
+    ffn: str = "gelu"  # "gelu" | "swiglu"
+    position: str = "t5"  # "t5" (relative bias, Memorizing Transformers) | "rope" | "none"
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    xl_cache: bool = False  # attend to the previous segment's keys/values
+    tie_embeddings: bool = True
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    pkm: PKMConfig = field(default_factory=PKMConfig)
+    infini: InfiniConfig = field(default_factory=InfiniConfig)
+    continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "data/stdlib-byte"  # a directory made by `memformers data build`
+    segment_len: int = 512
+    batch_size: int = 2  # parallel document streams
+    eval_split: str = "valid"
+    eval_max_docs: int = 64  # held-out documents streamed per evaluation (0 = all)
+    eval_max_tokens: int = 0  # stop evaluation after this many tokens (0 = no limit)
+    min_doc_tokens: int = 1  # documents shorter than this are skipped
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    bptt_segments: int = 1  # detach carried state every N segments
+    checkpoint_activations: bool = False
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
+    init_from: str = ""  # a run dir or model.safetensors to start from (fine-tuning)
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MemformersError(f"config key '{key}' must be a table, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise MemformersError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise MemformersError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MemformersError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise MemformersError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise MemformersError(f"config key '{key}' must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        items = [_coerce(v, args[0], key) for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
+            raise MemformersError(f"unknown config key '{key}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values in TOML syntax) to a raw dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise MemformersError(f"--set expects key=value, got '{item}'")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise MemformersError(f"--set '{key}': '{p}' is not a section")
+        node[parts[-1]] = _parse_value(text.strip())
+    return raw
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MemformersError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise MemformersError(f"config file {p} is not valid TOML: {e}") from None
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Any) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise MemformersError(msg)
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> None:
+    _check(value in options, f"config key '{key}' must be one of {', '.join(options)}; "
+                             f"got '{value}'")
+
+
+def validate(cfg: RunConfig) -> None:
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for key, val in [("model.vocab_size", m.vocab_size), ("model.n_layers", m.n_layers),
+                     ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+                     ("model.head_dim", m.head_dim), ("model.d_ff", m.d_ff),
+                     ("data.segment_len", d.segment_len), ("data.batch_size", d.batch_size),
+                     ("train.steps", t.steps), ("train.grad_accum", t.grad_accum),
+                     ("train.bptt_segments", t.bptt_segments), ("train.log_every", t.log_every)]:
+        _check(val > 0, f"config key '{key}' must be positive, got {val}")
+    _choice(m.ffn, ("gelu", "swiglu"), "model.ffn")
+    _choice(m.position, ("t5", "rope", "none"), "model.position")
+    _check(m.position != "rope" or m.head_dim % 2 == 0, "model.head_dim must be even for RoPE")
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+    _check(t.warmup_steps >= 0 and t.ckpt_every >= 0 and t.eval_every >= 0,
+           "train.warmup_steps, ckpt_every and eval_every must be >= 0")
+    _choice(t.precision, ("auto", "fp32", "bf16"), "train.precision")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+           f"train.device must be auto, cpu or cuda[:N], got '{t.device}'")
+    _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0,
+           "data.eval_max_docs and data.eval_max_tokens must be >= 0")
+
+    used: dict[int, str] = {}
+    for name in ("knn", "infini", "continuous"):
+        sub = getattr(m, name)
+        for layer in sub.layers:
+            _check(0 <= layer < m.n_layers,
+                   f"model.{name}.layers: layer {layer} does not exist (model has "
+                   f"{m.n_layers} layers, numbered 0..{m.n_layers - 1})")
+            _check(layer not in used, f"layer {layer} has two attention memories "
+                                      f"({used.get(layer)} and {name}); pick one")
+            used[layer] = name
+    for layer in m.pkm.layers:
+        _check(0 <= layer < m.n_layers, f"model.pkm.layers: layer {layer} does not exist")
+
+    k = m.knn
+    _check(k.capacity >= 0, "model.knn.capacity must be >= 0")
+    _check(k.top_k > 0, "model.knn.top_k must be positive")
+    _choice(k.backend, ("exact", "faiss"), "model.knn.backend")
+    _choice(k.storage_dtype, ("float16", "bfloat16", "float32"), "model.knn.storage_dtype")
+    _choice(k.faiss_index, ("flat", "ivf", "hnsw"), "model.knn.faiss_index")
+    _check(k.search_chunk > 0 and k.faiss_block > 0, "model.knn search sizes must be positive")
+
+    p = m.pkm
+    _check(p.n_keys > 0 and p.heads > 0 and p.top_k > 0, "model.pkm sizes must be positive")
+    _check(p.k_dim % 2 == 0, f"model.pkm.k_dim must be even, got {p.k_dim}")
+    _check(p.top_k <= p.n_keys, f"model.pkm.top_k ({p.top_k}) must be <= n_keys ({p.n_keys})")
+    _choice(p.query_norm, ("batchnorm", "layernorm", "none"), "model.pkm.query_norm")
+
+    i = m.infini
+    _choice(i.update, ("linear", "delta"), "model.infini.update")
+    _check(i.gate_lr > 0, "model.infini.gate_lr must be positive")
+
+    c = m.continuous
+    _check(c.n_basis > 0 and c.n_basis % len(c.widths) == 0,
+           "model.continuous.n_basis must be a positive multiple of len(widths)")
+    _check(all(w > 0 for w in c.widths) and c.widths, "model.continuous.widths must be > 0")
+    _check(0 < c.tau < 1, "model.continuous.tau must be in (0, 1)")
+    _check(c.ridge_lambda >= 0 and c.n_samples > 0 and c.sticky_bins > 0,
+           "model.continuous: ridge_lambda >= 0, n_samples > 0, sticky_bins > 0")

@@ -1,0 +1,73 @@
+"""Configuration of each memory mechanism (one dataclass per mechanism).
+
+A mechanism is enabled for the layers listed in its ``layers`` field (0-based);
+an empty list switches it off. Validation lives in ``memformers.config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class KNNConfig:
+    """Memorizing Transformers kNN memory (REFERENCE.md section 1)."""
+
+    layers: list[int] = field(default_factory=list)  # e.g. [4] of 6; paper: 9 of 12
+    capacity: int = 65536  # (key, value) pairs per (stream, head), FIFO
+    top_k: int = 32
+    backend: str = "exact"  # "exact" | "faiss"
+    storage_dtype: str = "float16"  # "float16" | "bfloat16" | "float32"
+    gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
+    scale_init: float = 8.0  # learned per-head temperature for normalised q.k
+    search_chunk: int = 16384  # memory rows scored at a time by the exact backend
+    faiss_block: int = 16384  # FIFO block size of the faiss backend (one index per block)
+    faiss_index: str = "flat"  # "flat" | "ivf" | "hnsw"
+    faiss_nprobe: int = 8
+
+
+@dataclass
+class PKMConfig:
+    """Product-key memory replacing the FFN of chosen layers (REFERENCE.md section 2)."""
+
+    layers: list[int] = field(default_factory=list)
+    n_keys: int = 512  # sub-keys per half: n^2 slots
+    heads: int = 4
+    k_dim: int = 256
+    top_k: int = 32
+    query_norm: str = "batchnorm"  # "batchnorm" | "layernorm" | "none"
+    input_dropout: float = 0.0
+    query_dropout: float = 0.0
+    value_dropout: float = 0.0
+    value_lr: float = 1e-3  # own optimizer group, constant lr
+    sparse: bool = False  # sparse value gradients + SparseAdam
+    memory_plus: bool = False  # silu-gated output (Memory Layers at Scale)
+    share_values: bool = False  # one value table for every PKM layer
+
+
+@dataclass
+class InfiniConfig:
+    """Infini-attention compressive memory (REFERENCE.md section 3)."""
+
+    layers: list[int] = field(default_factory=list)
+    update: str = "delta"  # "linear" | "delta"
+    gate_init: float = 0.0
+    gate_lr: float = 1e-2  # own parameter group, no weight decay
+    eps: float = 1e-6
+
+
+@dataclass
+class ContinuousConfig:
+    """infinity-former continuous long-term memory (REFERENCE.md section 4)."""
+
+    layers: list[int] = field(default_factory=list)
+    n_basis: int = 256  # N radial basis functions (centres x widths)
+    widths: list[float] = field(default_factory=lambda: [0.005, 0.01])
+    ridge_lambda: float = 0.5
+    tau: float = 0.75  # old memory squeezed into [0, tau]
+    n_samples: int = 256  # M points sampled from the old signal
+    sticky: bool = True
+    sticky_bins: int = 128
+    kl_weight: float = 0.0
+    sigma_min: float = 1e-4
+    pad_fit: bool = False  # the official code's padding trick
