@@ -1,0 +1,53 @@
+"""Long-term memory mechanisms and the registry that places them in layers.
+
+Attention memories (one per layer at most):   knn, infini, continuous
+FFN replacement:                              pkm (product-key memory)
+All per-stream state implements ``memformers.memory.state.StreamState``.
+
+Adding a mechanism = one new file with an ``AttentionMemory`` subclass, its
+config dataclass in ``configs.py``, and one line in ``ATTENTION_MEMORIES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from memformers.memory.base import AttentionMemory
+from memformers.memory.state import StreamState
+
+# config field name -> "module:Class"; imported lazily so optional deps stay optional
+ATTENTION_MEMORIES = {
+    "knn": "memformers.memory.knn:KNNMemoryAttention",
+    "infini": "memformers.memory.infini:InfiniMemory",
+    "continuous": "memformers.memory.continuous:ContinuousMemory",
+}
+
+
+def _load(path: str):
+    module, cls = path.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_attention_memory(model_cfg, layer: int) -> AttentionMemory | None:
+    for name, path in ATTENTION_MEMORIES.items():
+        sub = getattr(model_cfg, name)
+        if layer in sub.layers:
+            return _load(path)(sub, n_heads=model_cfg.n_heads, head_dim=model_cfg.head_dim,
+                               d_model=model_cfg.d_model)
+    return None
+
+
+def build_ffn(model_cfg, layer: int, shared: dict) -> nn.Module:
+    """The layer's FFN: a product-key memory if listed in ``model.pkm.layers``."""
+    from memformers.model.ffn import MLP
+
+    if layer in model_cfg.pkm.layers:
+        from memformers.memory.pkm import ProductKeyMemory
+
+        return ProductKeyMemory(model_cfg.pkm, d_model=model_cfg.d_model, shared=shared)
+    return MLP(model_cfg.d_model, model_cfg.d_ff, model_cfg.ffn, model_cfg.dropout)
+
+
+__all__ = ["AttentionMemory", "StreamState", "build_attention_memory", "build_ffn"]

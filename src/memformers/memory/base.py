@@ -1,0 +1,45 @@
+"""The interface of a long-term memory that lives inside an attention layer.
+
+An ``AttentionMemory`` sees the layer's projected queries, keys and values
+(before any position encoding, since memories carry no position information),
+the layer input ``x`` and the output of ordinary local attention, and returns
+the combined head outputs. It owns its per-stream state (``StreamState``) and
+only writes to it when ``commit`` is True.
+
+kNN memory, Infini-attention and the infinity-former each implement this in
+one file; ``memformers.memory.build_attention_memory`` picks one per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memformers.memory.state import StreamState
+
+
+class AttentionMemory(StreamState, nn.Module):
+    def transform_qk(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """Optionally change the q/k used by local attention AND the memory.
+
+        Returns ``(q, k, sdpa_scale)``; ``sdpa_scale=None`` keeps 1/sqrt(d).
+        """
+        return q, k, None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D) layer input (after the pre-norm)
+        q: torch.Tensor,  # (B, H, L, d)
+        k: torch.Tensor,  # (B, H, L, d)
+        v: torch.Tensor,  # (B, H, L, d)
+        local_out: torch.Tensor,  # (B, H, L, d) local (XL) attention output
+        mask: torch.Tensor,  # (B, L) bool, real tokens
+        commit: bool,
+    ) -> torch.Tensor:  # (B, H, L, d)
+        raise NotImplementedError
+
+    def gate_values(self) -> torch.Tensor | None:
+        """Per-head weight of the memory path in [0, 1], for reports (or None)."""
+        return None

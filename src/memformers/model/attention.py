@@ -1,0 +1,91 @@
+"""Causal self-attention with an optional XL cache and an optional long-term memory.
+
+    q, k, v = W_q x, W_k x, W_v x                       (B, H, L, d)
+    q, k    = memory.transform_qk(q, k)                 (e.g. kNN: L2-normalise)
+    local   = SDPA(q, [k_cache; k], [v_cache; v], bias + causal + validity mask)
+    out     = memory(x, q, k, v, local)                 (gate memory and local)
+    y       = W_o concat_heads(out)
+
+Position information (T5 bias or RoPE) only touches the local path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memformers.memory.base import AttentionMemory
+from memformers.memory.xl_cache import XLCache
+from memformers.model.position import RelativePositionBias, Rotary
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        *,
+        xl_cache: bool = False,
+        memory: AttentionMemory | None = None,
+        rotary: Rotary | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.cache = XLCache(n_heads, head_dim) if xl_cache else None
+        self.memory = memory
+        self.rotary = rotary
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        mask: torch.Tensor,  # (B, L) bool, real tokens
+        rel_bias: RelativePositionBias | None,
+        commit: bool = True,
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        H, d = self.n_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, L, 3, H, d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, d)
+        scale = None
+        if self.memory is not None:
+            q, k, scale = self.memory.transform_qk(q, k)
+
+        cached = self.cache.read() if self.cache is not None else None
+        if cached is not None:
+            k_cache, v_cache, valid = cached
+            keys = torch.cat([k_cache.to(k.dtype), k], dim=2)  # (B, H, C+L, d)
+            values = torch.cat([v_cache.to(v.dtype), v], dim=2)
+        else:
+            keys, values, valid = k, v, None
+        C = keys.shape[2] - L
+
+        q_pos, k_pos = q, keys
+        if self.rotary is not None:
+            q_pos, k_pos = self.rotary(q, start=C), self.rotary(keys, start=0)
+
+        # Additive mask (B or 1, H or 1, L, C+L): position bias, causality, cache validity.
+        causal = torch.ones(L, C + L, dtype=torch.bool, device=x.device).tril(diagonal=C)
+        attn_mask = torch.zeros(1, 1, L, C + L, device=x.device, dtype=q.dtype)
+        if rel_bias is not None:
+            attn_mask = attn_mask + rel_bias(L, C + L, x.device).to(q.dtype)[None]
+        attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        if valid is not None:
+            key_ok = torch.cat([valid, torch.ones(B, L, dtype=torch.bool, device=x.device)], 1)
+            attn_mask = attn_mask.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+
+        local = F.scaled_dot_product_attention(
+            q_pos, k_pos, values, attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0, scale=scale,
+        )  # (B, H, L, d)
+
+        out = local
+        if self.memory is not None:
+            out = self.memory(x, q, k, v, local, mask, commit)
+        if commit and self.cache is not None:
+            self.cache.write(k, v, mask)
+        return self.out(out.transpose(1, 2).reshape(B, L, H * d))

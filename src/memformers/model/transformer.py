@@ -1,0 +1,112 @@
+"""Decoder-only Transformer LM with swappable attention memories and FFNs.
+
+Pre-norm blocks: x = x + Attn(LN(x)); x = x + FFN(LN(x)); tied embeddings.
+The model walks long documents segment by segment: ``forward`` takes one
+segment per stream plus the per-stream ``new_doc`` flags; every piece of
+per-stream state (XL cache, memories) is reset for exactly those streams
+before the segment is processed, and updated after it (when ``commit``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memformers.config import ModelConfig
+from memformers.memory import build_attention_memory, build_ffn
+from memformers.memory.state import allocate_states, detach_states, iter_stream_states
+from memformers.model.attention import Attention
+from memformers.model.position import RelativePositionBias, Rotary
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary | None, shared: dict):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(
+            cfg.d_model, cfg.n_heads, cfg.head_dim, xl_cache=cfg.xl_cache,
+            memory=build_attention_memory(cfg, layer), rotary=rotary, dropout=cfg.dropout,
+        )
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = build_ffn(cfg, layer, shared)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, rel_bias, commit):
+        x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit))
+        return x + self.drop(self.ffn(self.norm2(x), mask))
+
+
+class MemformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rel_bias = (RelativePositionBias(cfg.n_heads, cfg.rel_buckets, cfg.rel_max_distance)
+                         if cfg.position == "t5" else None)
+        rotary = Rotary(cfg.head_dim, cfg.rope_base) if cfg.position == "rope" else None
+        shared: dict = {}  # modules shared across layers (e.g. one PKM value table)
+        self.blocks = nn.ModuleList(Block(cfg, i, rotary, shared) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        for name, p in self.named_parameters():  # GPT-2 scaled init of residual outputs
+            if name.endswith("attn.out.weight") or name.endswith("ffn.down.weight"):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
+        self._batch_size = 0
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding) and m.weight.shape[1] > 64:
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ----------------------------------------------------------------- state
+
+    def allocate_state(self, batch_size: int, device: torch.device | str | None = None) -> None:
+        """Fresh, empty per-stream state for ``batch_size`` streams."""
+        allocate_states(self, batch_size, device or self.embed.weight.device)
+        self._batch_size = batch_size
+
+    def detach_state(self) -> None:
+        detach_states(self)
+
+    def has_state(self) -> bool:
+        return any(True for _ in iter_stream_states(self))
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, L) int64
+        *,
+        new_doc: torch.Tensor | None = None,  # (B,) bool: reset these streams first
+        mask: torch.Tensor | None = None,  # (B, L) bool: real tokens
+        commit: bool = True,  # write this segment into per-stream state
+    ) -> torch.Tensor:  # (B, L, V) logits
+        B, L = tokens.shape
+        if B != self._batch_size:
+            self.allocate_state(B, tokens.device)
+        if mask is None:
+            mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+        if new_doc is not None and bool(new_doc.any()):
+            for _, state in iter_stream_states(self):
+                state.reset(new_doc.to(tokens.device))
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, mask, self.rel_bias, commit)
+        return self.head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over (B, L, V) logits; targets -100 are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction=reduction)

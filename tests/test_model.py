@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from memformers.config import ModelConfig
+from memformers.model import MemformerLM, lm_loss
+from memformers.model.position import RelativePositionBias
+
+
+def small(**kw) -> MemformerLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, head_dim=8, d_ff=64, vocab_size=50, **kw)
+    model = MemformerLM(cfg)
+    if model.rel_bias is not None:  # non-zero bias so positions matter in the tests
+        torch.nn.init.normal_(model.rel_bias.emb.weight)
+    return model.eval()
+
+
+@pytest.mark.parametrize("position", ["t5", "rope", "none"])
+def test_causal_future_tokens_never_change_earlier_logits(position):
+    model = small(position=position)
+    tokens = torch.randint(0, 50, (2, 24))
+    changed = tokens.clone()
+    changed[:, 13:] = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.allclose(a[:, :13], b[:, :13], atol=1e-5)
+    assert not torch.allclose(a[:, 13:], b[:, 13:], atol=1e-3)
+
+
+@pytest.mark.parametrize("position", ["t5", "rope"])
+def test_xl_two_segments_equal_one_causal_pass(position):
+    """Segment 2 with the cache of segment 1 == full causal pass over both (window 2L)."""
+    model = small(position=position, xl_cache=True)
+    tokens = torch.randint(0, 50, (3, 32))
+    with torch.no_grad():
+        model.allocate_state(3)
+        seg1 = model(tokens[:, :16])
+        seg2 = model(tokens[:, 16:])
+        model.allocate_state(3)
+        full = model(tokens)
+    assert torch.allclose(torch.cat([seg1, seg2], 1), full, atol=1e-5)
+
+
+def test_xl_reset_clears_exactly_flagged_streams():
+    model = small(xl_cache=True)
+    tokens = torch.randint(0, 50, (2, 32))
+    with torch.no_grad():
+        model.allocate_state(2)
+        model(tokens[:, :16])
+        out = model(tokens[:, 16:], new_doc=torch.tensor([True, False]))
+        model.allocate_state(2)
+        fresh = model(tokens[:, 16:])  # no cache at all
+        model.allocate_state(2)
+        full = model(tokens)
+    assert torch.allclose(out[0], fresh[0], atol=1e-5)  # stream 0 forgot segment 1
+    assert torch.allclose(out[1], full[1, 16:], atol=1e-5)  # stream 1 kept it
+
+
+def test_xl_padding_in_cache_is_never_attended():
+    model = small(xl_cache=True)
+    tokens = torch.randint(0, 50, (1, 32))
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    mask[:, 10:] = False
+    noisy = tokens.clone()
+    noisy[:, 10:16] = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        outs = []
+        for t in (tokens, noisy):
+            model.allocate_state(1)
+            model(t[:, :16], mask=mask)
+            outs.append(model(t[:, 16:]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_commit_false_leaves_state_untouched():
+    model = small(xl_cache=True)
+    tokens = torch.randint(0, 50, (1, 48))
+    with torch.no_grad():
+        model.allocate_state(1)
+        model(tokens[:, :16])
+        a = model(tokens[:, 16:32], commit=False)
+        b = model(tokens[:, 16:32])
+        c = model(tokens[:, 32:])
+        model.allocate_state(1)
+        model(tokens[:, :16])
+        model(tokens[:, 16:32])
+        d = model(tokens[:, 32:])
+    assert torch.allclose(a, b) and torch.allclose(c, d)
+
+
+def test_relative_bias_buckets_monotone_and_bounded():
+    rb = RelativePositionBias(2, num_buckets=32, max_distance=128)
+    b = rb.bucket(torch.arange(0, 1000))
+    assert b[0] == 0 and b[15] == 15 and b.max() == 31
+    assert bool((b[1:] >= b[:-1]).all())
+
+
+def test_loss_ignores_padding_and_training_lowers_it():
+    model = small().train()
+    tokens = torch.randint(0, 50, (2, 17))
+    targets = tokens[:, 1:].clone()
+    targets[:, -3:] = -100
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = lm_loss(model(tokens[:, :-1]), targets)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
