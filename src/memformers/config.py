@@ -13,11 +13,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from memformers.errors import MemformersError
 from memformers.memory.configs import ContinuousConfig, InfiniConfig, KNNConfig, PKMConfig
@@ -129,7 +130,8 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
         key = f"{prefix}.{k}" if prefix else k
         if k not in names:
             close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
+            dotted = f"{prefix}.{close[0]}" if prefix and close else (close or [""])[0]
+            hint = f" (did you mean '{dotted}'?)" if close else ""
             raise MemformersError(f"unknown config key '{key}'{hint}")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)

@@ -1,0 +1,5 @@
+import sys
+
+from memformers.cli import main
+
+sys.exit(main())

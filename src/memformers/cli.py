@@ -1,0 +1,167 @@
+"""The ``memformers`` command line.
+
+    memformers data build [--source stdlib|DIR|FILE.jsonl] --out DIR
+    memformers train --config FILE [--set key=value ...] [--run-dir DIR] [--resume]
+    memformers eval RUN_DIR [--split valid|test] [--max-docs N]
+    memformers generate RUN_DIR --prompt TEXT [--tokens N]
+
+Every user error is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from memformers.errors import MemformersError
+
+
+def _load_run_config(run_dir: Path, overrides: list[str]):
+    from memformers.config import apply_overrides, config_from_dict
+
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        raise MemformersError(f"not a memformers run directory: {run_dir} (no config.json)")
+    return config_from_dict(apply_overrides(json.loads(cfg_file.read_text()), overrides))
+
+
+def load_trained_model(run_dir: Path, overrides: list[str] = (), device: str = "auto"):
+    """(config, model, tokenizer) of a finished or checkpointed run."""
+    from memformers.data.tokenizer import load_tokenizer
+    from memformers.model import MemformerLM
+    from memformers.train.checkpoint import latest_checkpoint, load_model_weights
+    from memformers.train.trainer import resolve_device
+
+    cfg = _load_run_config(run_dir, list(overrides))
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise MemformersError(f"{run_dir} has no model.safetensors and no complete checkpoint")
+        weights = ckpt / "model.safetensors"
+    model = MemformerLM(cfg.model).to(resolve_device(device))
+    load_model_weights(model, weights)
+    return cfg, model.eval(), load_tokenizer(Path(cfg.data.corpus))
+
+
+def cmd_train(args) -> int:
+    from memformers.config import load_config
+    from memformers.evaluate.lm import format_eval
+    from memformers.train.trainer import Trainer
+
+    run_dir = Path(args.run_dir)
+    if args.resume and args.config is None:
+        cfg = _load_run_config(run_dir, args.set)
+    else:
+        if args.config is None:
+            raise MemformersError("train needs --config FILE (or --resume with --run-dir)")
+        cfg = load_config(args.config, args.set)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(trainer.describe(), flush=True)
+    result = trainer.run()
+    if "stopped_at" in result:
+        print(f"stopped at step {result['stopped_at']}; checkpoint saved, continue with --resume")
+        return 0
+    ev = trainer.evaluate()
+    (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
+    print(format_eval(ev))
+    print(f"run saved in {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from memformers.data.corpus import CorpusSplit
+    from memformers.evaluate.lm import evaluate_lm, format_eval
+    from memformers.train.trainer import autocast_for
+
+    run_dir = Path(args.run_dir)
+    cfg, model, tok = load_trained_model(run_dir, args.set, args.device)
+    device = next(model.parameters()).device
+    split = CorpusSplit.open(Path(cfg.data.corpus), args.split)
+    result = evaluate_lm(model, split, tok.token_bytes, batch_size=cfg.data.batch_size,
+                         segment_len=cfg.data.segment_len,
+                         max_docs=args.max_docs if args.max_docs is not None
+                         else cfg.data.eval_max_docs,
+                         max_tokens=cfg.data.eval_max_tokens,
+                         autocast=autocast_for(device, cfg.train.precision))
+    out = Path(args.out) if args.out else run_dir / f"eval-{args.split}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(format_eval(result))
+    print(f"written {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from memformers.evaluate.generate import feed_and_generate
+
+    cfg, model, tok = load_trained_model(Path(args.run_dir), args.set, args.device)
+    if not args.prompt:
+        raise MemformersError("--prompt must not be empty")
+    torch.manual_seed(args.seed)
+    ids = torch.tensor([tok.encode(args.prompt)], device=next(model.parameters()).device)
+    with torch.no_grad():
+        out = feed_and_generate(model, ids, args.tokens, cfg.data.segment_len,
+                                temperature=args.temperature, top_k=args.top_k)
+    print(args.prompt + tok.decode(out[0].tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memformers", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model")
+    t.add_argument("--config", help="TOML config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.knn.layers=[4]")
+    t.add_argument("--run-dir", default="runs/default")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run on held-out documents")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    e.add_argument("--max-docs", type=int)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate with changed settings, e.g. --set model.knn.capacity=8192")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    g.set_defaults(func=cmd_generate)
+
+    from memformers.data.corpus import add_data_subparser
+
+    add_data_subparser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MemformersError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Held-out language-model evaluation on long documents, streamed with memory.
+
+Held-out documents are streamed exactly like training (one document per
+stream, segment by segment, state reset at each new document) and every
+target token is scored once. Reports token-level loss, perplexity and bits
+per byte overall and by position in document, where memory should show.
+
+    bits/byte = sum(nll) / (ln 2 * sum(bytes of target tokens))
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from memformers.data.streaming import DocumentStreams
+from tqdm import tqdm
+
+from memformers.memory.state import collect_state_tensors, load_collected_state_tensors
+
+POSITION_BUCKETS = (0, 2048, 8192, 32768)
+
+
+def bucket_names(edges=POSITION_BUCKETS) -> list[str]:
+    def k(n: int) -> str:
+        return f"{n // 1024}K" if n else "0"
+    return [f"{k(a)}-{k(b)}" for a, b in zip(edges, edges[1:])] + [f"{k(edges[-1])}+"]
+
+
+@contextmanager
+def preserved_state(model):
+    """Run evaluation on fresh per-stream state, then give training its state back."""
+    saved, batch = collect_state_tensors(model), model._batch_size
+    try:
+        yield
+    finally:
+        if batch:
+            model.allocate_state(batch)
+            load_collected_state_tensors(model, saved)
+
+
+def _summary(nll: float, n_tok: int, n_bytes: int) -> dict:
+    loss = nll / max(n_tok, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n_tok, "bytes": n_bytes,
+            "bpb": nll / math.log(2) / max(n_bytes, 1)}
+
+
+@torch.no_grad()
+def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segment_len: int,
+                max_docs: int = 0, max_tokens: int = 0, buckets=POSITION_BUCKETS,
+                record_docs: tuple[int, ...] = (), autocast=None, progress: bool = True) -> dict:
+    """Stream held-out documents of ``split``; see module docstring.
+
+    ``record_docs``: document indices whose per-token losses are returned
+    (for per-token loss-difference plots).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
+    streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
+                              doc_indices=list(range(n_docs)))
+    edges = torch.tensor(buckets[1:], device=device)
+    tbytes = torch.as_tensor(np.asarray(token_bytes), device=device, dtype=torch.float64)
+    n_b = len(buckets)
+    nll_sum = torch.zeros(n_b, dtype=torch.float64, device=device)
+    tok_sum = torch.zeros(n_b, dtype=torch.float64, device=device)
+    byte_sum = torch.zeros(n_b, dtype=torch.float64, device=device)
+    recorded: dict[int, list[np.ndarray]] = {d: [] for d in record_docs}
+    total = sum(split.doc_len(i) - 1 for i in range(n_docs))
+    if max_tokens:
+        total = min(total, max_tokens)
+    bar = tqdm(total=total, desc="eval", unit="tok", disable=not progress, leave=False)
+    ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+    seen = 0
+    with preserved_state(model):
+        model.allocate_state(batch_size, device)
+        for batch in streams:
+            tokens, targets = batch.tokens.to(device), batch.targets.to(device)
+            with ctx:
+                logits = model(tokens, new_doc=batch.new_doc.to(device),
+                               mask=batch.mask.to(device))
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                reduction="none").view_as(targets).double()  # (B, L)
+            valid = targets != -100
+            pos = batch.doc_pos.to(device) + 1  # position of the predicted token
+            b = torch.bucketize(pos, edges, right=True)
+            w = valid.double()
+            nll_sum.index_add_(0, b[valid], nll[valid])
+            tok_sum.index_add_(0, b[valid], w[valid])
+            byte_sum.index_add_(0, b[valid], tbytes[targets[valid]])
+            for row, doc in enumerate(batch.doc_ids.tolist()):
+                if doc in recorded:
+                    recorded[doc].append(nll[row][valid[row]].float().cpu().numpy())
+            n = int(valid.sum())
+            seen += n
+            bar.update(n)
+            if max_tokens and seen >= max_tokens:
+                break
+    bar.close()
+    model.train(was_training)
+    nll_l, tok_l, byte_l = nll_sum.tolist(), tok_sum.tolist(), byte_sum.tolist()
+    out = _summary(sum(nll_l), int(sum(tok_l)), int(sum(byte_l)))
+    out["documents"] = n_docs
+    out["by_position"] = {name: _summary(a, int(t), int(c))
+                          for name, a, t, c in zip(bucket_names(buckets), nll_l, tok_l, byte_l)
+                          if t > 0}
+    if record_docs:
+        out["per_token"] = {d: np.concatenate(v).tolist() if v else [] for d, v in recorded.items()}
+    return out
+
+
+def format_eval(result: dict) -> str:
+    lines = [f"held-out: loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
+             f"bpb {result['bpb']:.4f}  ({result['tokens']:,} tokens, "
+             f"{result['documents']} documents)"]
+    for name, r in result["by_position"].items():
+        lines.append(f"  tokens {name:>9}: loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  "
+                     f"bpb {r['bpb']:.4f}  ({r['tokens']:,})")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: optimiser groups and schedule, atomic checkpoints, the trainer loop."""
