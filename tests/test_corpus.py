@@ -242,3 +242,21 @@ def test_cli(tmp_path, capsys):
     args = parser.parse_args(["data", "build", "--source", str(tmp_path / "src")])
     with pytest.raises(MemformersError, match="--out is required"):
         run_data_command(args)
+
+
+def test_ensure_default_corpus_builds_once(monkeypatch, tmp_path):
+    from memformers.data import corpus
+
+    monkeypatch.setenv("MEMFORMERS_HOME", str(tmp_path))
+    calls = []
+
+    def fake_build(out, source, **kw):
+        calls.append((out, source, kw["tokenizer"]))
+        out.mkdir(parents=True)
+        (out / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(corpus, "build_corpus", fake_build)
+    out = corpus.ensure_default_corpus("byte", progress=False)
+    assert out == tmp_path / "corpora" / "stdlib-byte"
+    assert corpus.ensure_default_corpus("byte", progress=False) == out
+    assert calls == [(out, "stdlib", "byte")]
