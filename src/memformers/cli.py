@@ -54,9 +54,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir)
     if args.resume and args.config is None:
         cfg = _load_run_config(run_dir, args.set)
-    else:
-        if args.config is None:
-            raise MemformersError("train needs --config FILE (or --resume with --run-dir)")
+    else:  # no --config: the defaults (the baseline preset), changed by --set
         cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     print(trainer.describe(), flush=True)
@@ -144,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     g.set_defaults(func=cmd_generate)
 
-    from memformers.data.corpus import add_data_subparser
+    from memformers.data.cli import add_data_subparser
 
     add_data_subparser(sub)
     return p

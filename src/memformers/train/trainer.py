@@ -82,10 +82,10 @@ def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
 
 def check_memory_budget(model_cfg, batch_size: int, n_params: int) -> int:
     """Estimate bytes needed (weights, grads, Adam, per-stream state) and refuse impossible runs."""
-    from memformers.memory.knn import knn_footprint_bytes
-
     need = n_params * 4 * 4  # weights + grads + 2 Adam moments
     if model_cfg.knn.layers:
+        from memformers.memory.knn import knn_footprint_bytes
+
         need += knn_footprint_bytes(model_cfg.knn, model_cfg.n_heads, model_cfg.head_dim,
                                     batch_size, len(model_cfg.knn.layers))
     try:
@@ -121,12 +121,13 @@ class Trainer:
         t = cfg.train
         self.device = resolve_device(t.device)
         self.autocast = autocast_for(self.device, t.precision)
+        with torch.device("meta"):  # count parameters without allocating them
+            n_params = MemformerLM(cfg.model).num_parameters()
+        self.state_need = check_memory_budget(cfg.model, cfg.data.batch_size, n_params)
         torch.manual_seed(t.seed)
         self.model = MemformerLM(cfg.model).to(self.device)
         if t.init_from and not resume:
             self._init_from(Path(t.init_from))
-        self.state_need = check_memory_budget(cfg.model, cfg.data.batch_size,
-                                              self.model.num_parameters())
         self.optimizers = build_optimizers(self.model, t)
         self.train_split = CorpusSplit.open(self.corpus_dir, "train")
         self.eval_split = CorpusSplit.open(self.corpus_dir, cfg.data.eval_split)
