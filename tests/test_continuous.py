@@ -224,6 +224,15 @@ def test_pad_fit_matches_the_official_construction():
 # ----------------------------------------------------------------- layer and state
 
 
+def test_bad_config_is_a_user_error():
+    from memformers.errors import MemformersError
+
+    with pytest.raises(MemformersError):
+        memory(n_basis=33)
+    with pytest.raises(MemformersError):
+        memory(tau=1.0)
+
+
 def test_empty_ltm_adds_exactly_zero():
     m = memory()
     out, local = step(m, torch.randn(2, 5, 6))

@@ -64,6 +64,8 @@ class ContinuousMemory(AttentionMemory):
         super().__init__()
         if cfg.n_basis <= 0 or not cfg.widths or cfg.n_basis % len(cfg.widths):
             raise MemformersError("continuous.n_basis must be a positive multiple of len(widths)")
+        if not (0 < cfg.tau < 1 and cfg.sigma_min > 0 and cfg.kl_sigma0 > 0):
+            raise MemformersError("continuous: need 0 < tau < 1, sigma_min > 0, kl_sigma0 > 0")
         self.cfg = cfg
         self.n_heads, self.head_dim, self.d_model = n_heads, head_dim, d_model
         N = cfg.n_basis
