@@ -68,6 +68,8 @@ class ContinuousConfig:
     n_samples: int = 256  # M points sampled from the old signal
     sticky: bool = True
     sticky_bins: int = 128
-    kl_weight: float = 0.0
+    kl_weight: float = 0.0  # weight of KL(N(mu, sigma^2) || N(kl_mu0, kl_sigma0^2)); code: 1e-6
+    kl_mu0: float = 0.5
+    kl_sigma0: float = 0.05
     sigma_min: float = 1e-4
     pad_fit: bool = False  # the official code's padding trick

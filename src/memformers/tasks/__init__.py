@@ -1,0 +1,1 @@
+"""Synthetic tasks that test long-range memory (sorting by frequency, ...)."""
