@@ -252,7 +252,8 @@ class OracleLM(nn.Module):
 
     def __init__(self, tokenizer, segment_len, window=None, garbage=False):
         super().__init__()
-        self.tok, self.segment_len, self.window, self.garbage = tokenizer, segment_len, window, garbage
+        self.tok, self.segment_len = tokenizer, segment_len
+        self.window, self.garbage = window, garbage
         self.dummy = nn.Parameter(torch.zeros(1))
         self.committed_lengths: list[int] = []
 
@@ -296,7 +297,8 @@ def test_oracle_scores_one_and_garbage_scores_zero():
     res = evaluate_passkey(oracle, tok, **kw)
     assert res["accuracy"] == [[1.0] * 3] * 2
     assert set(oracle.committed_lengths) == {64}
-    assert evaluate_passkey(OracleLM(tok, 64, garbage=True), tok, **kw)["accuracy"] == [[0.0] * 3] * 2
+    garbage = evaluate_passkey(OracleLM(tok, 64, garbage=True), tok, **kw)
+    assert garbage["accuracy"] == [[0.0] * 3] * 2
 
 
 def test_depth_axis_with_a_short_sighted_oracle():

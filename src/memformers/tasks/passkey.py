@@ -96,11 +96,12 @@ def build_passkey_prompt(
     if not 0.0 <= depth <= 1.0:
         raise MemformersError(f"passkey depth must be in [0, 1], got {depth}")
     prefix, question = _ids(tokenizer, PREFIX), _ids(tokenizer, QUESTION)
-    needle, answer = _ids(tokenizer, NEEDLE.format(key=key)), _ids(tokenizer, ANSWER.format(key=key))
+    needle = _ids(tokenizer, NEEDLE.format(key=key))
+    answer = _ids(tokenizer, ANSWER.format(key=key))
     fixed = len(prefix) + len(needle) + len(question)
     if length_tokens < fixed:
         raise MemformersError(
-            f"passkey length {length_tokens} is too short: the prompt needs at least {fixed} tokens")
+            f"passkey length {length_tokens} is too short: the prompt needs {fixed} tokens")
     filler, bounds = filler_tokens(tokenizer, length_tokens - fixed)
     cut = min(bounds, key=lambda b: abs(b - depth * len(filler)))  # nearest sentence boundary
     tokens = np.concatenate([prefix, filler[:cut], needle, filler[cut:], question])
