@@ -331,3 +331,16 @@ def test_learns_to_recall_a_token_from_the_previous_segment():
           f"{1 / n_keys:.3f}) in {time.perf_counter() - start:.1f}s")
     assert acc > 0.6  # seed 0 reaches 1.0 after ~175 steps; other seeds 0.89-1.0 at 300
     assert acc_forgot < 0.3  # the memory, not something else, carries the key
+
+
+def test_trainer_gives_gates_their_own_group():
+    from memformers.config import TrainConfig
+    from memformers.train.optim import build_optimizers
+
+    model = MemformerLM(ModelConfig(n_layers=2, d_model=32, n_heads=4, head_dim=8, d_ff=64,
+                                    infini=InfiniConfig(layers=[1], gate_lr=0.05)))
+    (opt,) = build_optimizers(model, TrainConfig(lr=1e-3, weight_decay=0.1))
+    gate = model.blocks[1].attn.memory.gate
+    groups = [g for g in opt.param_groups if any(p is gate for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
+    assert len(groups[0]["params"]) == 1

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from memformers.data.streaming import DocumentStreams
 from tqdm import tqdm
 
+from memformers.data.streaming import DocumentStreams
 from memformers.memory.state import collect_state_tensors, load_collected_state_tensors
 
 POSITION_BUCKETS = (0, 2048, 8192, 32768)

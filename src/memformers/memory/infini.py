@@ -117,6 +117,11 @@ class InfiniMemory(AttentionMemory):
     def gate_values(self) -> torch.Tensor:
         return torch.sigmoid(self.gate.detach())  # (H,)
 
+    def param_groups(self, train_cfg) -> list[dict]:
+        """The gate fix of the failed public reproduction: its own higher lr, no decay."""
+        return [{"params": [self.gate], "lr": self.cfg.gate_lr, "weight_decay": 0.0,
+                 "name": "infini_gate"}]
+
     def _state(self, B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.M is None:
             self.allocate(B, device)
