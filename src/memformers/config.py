@@ -49,6 +49,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str = "data/stdlib-byte"  # a directory made by `memformers data build`
+    mix: list[str] = field(default_factory=list)  # more corpora whose train docs are mixed in
     segment_len: int = 512
     batch_size: int = 2  # parallel document streams
     eval_split: str = "valid"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from memformers.data.corpus import (
     build_corpus,
@@ -16,7 +17,7 @@ from memformers.errors import MemformersError
 def add_data_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``data`` (with ``build`` and ``stats``) on the main CLI's subparsers."""
     data = subparsers.add_parser("data", help="build and inspect tokenised corpora")
-    sub = data.add_subparsers(dest="data_command", metavar="{build,stats}")
+    sub = data.add_subparsers(dest="data_command", metavar="{build,passkey,stats}")
     sub.required = True
 
     b = sub.add_parser("build", help="tokenise a source into a corpus directory")
@@ -42,12 +43,46 @@ def add_data_subparser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     b.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    pk = sub.add_parser("passkey", help="build a corpus of passkey documents (to mix in)")
+    pk.add_argument("--out", required=True, help="corpus directory")
+    pk.add_argument("--docs", type=int, default=2000)
+    pk.add_argument("--min-length", type=int, default=256, help="tokens per document, at least")
+    pk.add_argument("--max-length", type=int, default=4096, help="tokens per document, at most")
+    pk.add_argument("--tokenizer", default="byte",
+                    help="'byte' or a corpus directory whose tokenizer to use")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--overwrite", action="store_true")
+
     s = sub.add_parser("stats", help="print a corpus's statistics")
     s.add_argument("dir", help="corpus directory")
     s.add_argument("--verify", action="store_true", help="recompute the content hash")
 
     data.set_defaults(func=run_data_command)
     return data
+
+
+def build_passkey_corpus(args: argparse.Namespace):
+    """Passkey documents written as JSONL, then built like any corpus (train split only)."""
+    import json
+    import tempfile
+
+    import numpy as np
+
+    from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
+    from memformers.tasks.passkey import passkey_documents
+
+    if not 0 < args.min_length <= args.max_length or args.docs <= 0:
+        raise MemformersError("need --docs > 0 and 0 < --min-length <= --max-length")
+    tok = ByteTokenizer() if args.tokenizer == "byte" else load_tokenizer(args.tokenizer)
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "passkey.jsonl"
+        with open(src, "w") as f:
+            for name, text in passkey_documents(tok, args.docs, args.min_length,
+                                                args.max_length, rng):
+                f.write(json.dumps({"name": name, "text": text}) + "\n")
+        return build_corpus(args.out, str(src), tokenizer=args.tokenizer, split="1,0,0",
+                            overwrite=args.overwrite, progress=False)
 
 
 def run_data_command(args: argparse.Namespace) -> int:
@@ -66,6 +101,9 @@ def run_data_command(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         print(f"wrote corpus to {out}")
+    elif args.data_command == "passkey":
+        manifest = build_passkey_corpus(args)
+        print(f"wrote passkey corpus to {args.out}")
     else:
         manifest = open_corpus_manifest(args.dir, verify=args.verify)
         if args.verify:

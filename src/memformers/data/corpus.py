@@ -38,7 +38,7 @@ from memformers.data.sources import (
     list_files,
     resolve_source,
 )
-from memformers.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from memformers.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 from memformers.errors import MemformersError
 
 FORMAT = "memformers-corpus"
@@ -165,8 +165,10 @@ def build_corpus(
     in source order (0 = all). Returns the manifest (also in ``manifest.json``).
     """
     out_dir = Path(out_dir).expanduser()
-    if tokenizer not in ("byte", "bpe"):
-        raise MemformersError(f"tokenizer must be 'byte' or 'bpe', got '{tokenizer}'")
+    reuse = tokenizer not in ("byte", "bpe")  # a corpus dir whose tokenizer is reused
+    if reuse and not (Path(tokenizer).expanduser() / MANIFEST).is_file():
+        raise MemformersError(f"tokenizer must be 'byte', 'bpe' or a corpus directory whose "
+                              f"tokenizer to reuse; got '{tokenizer}'")
     if max_docs < 0:
         raise MemformersError(f"max_docs must be >= 0, got {max_docs}")
     if (out_dir / MANIFEST).exists() and not overwrite:
@@ -208,8 +210,12 @@ def build_corpus(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        if tokenizer == "bpe":
-            tok: Tokenizer = BPETokenizer.train(by_split["train"][1], bpe_vocab)
+        if reuse:
+            tok: Tokenizer = load_tokenizer(Path(tokenizer).expanduser())
+            if tok.name == "bpe":
+                tok.save(tmp)
+        elif tokenizer == "bpe":
+            tok = BPETokenizer.train(by_split["train"][1], bpe_vocab)
             tok.save(tmp)
         else:
             tok = ByteTokenizer()
@@ -345,6 +351,24 @@ class CorpusSplit:
     def __len__(self) -> int:
         return self.n_docs
 
+    @classmethod
+    def concat(cls, splits: list[CorpusSplit]) -> CorpusSplit:
+        """One split holding the documents of several corpora (same tokenizer), in RAM."""
+        first = splits[0]
+        for other in splits[1:]:
+            if other.manifest["tokenizer"] != first.manifest["tokenizer"]:
+                raise MemformersError(
+                    "cannot mix corpora with different tokenizers: "
+                    f"{first.manifest['tokenizer']} vs {other.manifest['tokenizer']}")
+        if len(splits) == 1:
+            return first
+        dtype = np.result_type(*[s.tokens.dtype for s in splits])
+        tokens = np.concatenate([np.asarray(s.tokens, dtype=dtype) for s in splits])
+        starts = np.cumsum([0] + [s.num_tokens for s in splits[:-1]])
+        offsets = np.concatenate([[0]] + [s.offsets[1:] + b for s, b in zip(splits, starts)])
+        names = [n for s in splits for n in s.names]
+        return cls(tokens, offsets.astype(np.int64), names, first.manifest, first.split)
+
 
 # --------------------------------------------------------------------------- stats
 
@@ -377,13 +401,9 @@ def format_stats(manifest: Manifest) -> str:
 # --------------------------------------------------------------------------- default corpus
 
 
-def memformers_home() -> Path:
-    return Path(os.environ.get("MEMFORMERS_HOME", "~/.cache/memformers")).expanduser()
-
-
 def default_corpus_dir(tokenizer: str = "byte") -> Path:
-    """``$MEMFORMERS_HOME/corpora/stdlib-<tokenizer>`` (home defaults to ~/.cache/memformers)."""
-    return memformers_home() / "corpora" / f"stdlib-{tokenizer}"
+    """``data/stdlib-<tokenizer>`` under the working directory (the configs' default)."""
+    return Path("data") / f"stdlib-{tokenizer}"
 
 
 def ensure_default_corpus(tokenizer: str = "byte", progress: bool = True) -> Path:

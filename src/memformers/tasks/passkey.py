@@ -156,3 +156,17 @@ def passkey_training_batch(
     pairs = [passkey_training_example(tokenizer, length_tokens, float(rng.uniform()), rng,
                                       digits=digits) for _ in range(batch_size)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def passkey_documents(tokenizer: Tokenizer, n_docs: int, min_len: int, max_len: int,
+                      rng: np.random.Generator, *, digits: int = 5):
+    """``(name, text)`` passkey documents (prompt + answer) of random length and depth.
+
+    Trained on as ordinary documents mixed into a corpus (``data.mix``), they teach
+    a model to carry a key across segments: the answer at the end is only
+    predictable by recalling the needle.
+    """
+    for i in range(n_docs):
+        length = int(rng.integers(min_len, max_len + 1))
+        ex = make_passkey_example(tokenizer, length, float(rng.random()), rng, digits=digits)
+        yield f"passkey-{i:06d}", tokenizer.decode(np.concatenate([ex.tokens, ex.answer]))

@@ -129,7 +129,8 @@ class Trainer:
         if t.init_from and not resume:
             self._init_from(Path(t.init_from))
         self.optimizers = build_optimizers(self.model, t)
-        self.train_split = CorpusSplit.open(self.corpus_dir, "train")
+        self.train_split = CorpusSplit.concat(
+            [CorpusSplit.open(d, "train") for d in [self.corpus_dir, *cfg.data.mix]])
         self.eval_split = CorpusSplit.open(self.corpus_dir, cfg.data.eval_split)
         self.stream = DocumentStreams(self.train_split, cfg.data.batch_size, cfg.data.segment_len,
                                       shuffle=True, seed=t.seed, loop=True)
