@@ -247,3 +247,18 @@ def test_pkm_in_memformer_lm_trains():
         model(tokens)
     rep = pkm_usage_report(model)
     assert set(rep) == {"blocks.1.ffn"} and 0 < rep["blocks.1.ffn"]["used"] <= 1
+
+
+def test_masked_batchnorm_without_padding_matches_batchnorm1d():
+    torch.manual_seed(3)
+    z = torch.randn(10, 4)
+    ref, bn = torch.nn.BatchNorm1d(4), MaskedBatchNorm1d(4)
+    for mask in (torch.ones(10, dtype=torch.bool), None):
+        assert torch.allclose(bn(z, mask), ref(z), atol=1e-6)
+    assert torch.allclose(bn.running_mean, ref.running_mean)
+    assert torch.allclose(bn.running_var, ref.running_var)
+    # the masked path on the same all-real batch gives the same numbers
+    man = MaskedBatchNorm1d(4)
+    zz = torch.cat([z, torch.zeros(1, 4)])
+    out = man(zz, torch.cat([torch.ones(10, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)]))
+    assert torch.allclose(out[:10], ref(z), atol=1e-5)

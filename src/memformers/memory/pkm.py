@@ -51,12 +51,14 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
+        if x.shape[0] > 1 and (mask is None or bool(mask.all())):
+            return super().forward(x)  # no padding: the fused native kernel
         m = (torch.ones_like(x[:, 0]) if mask is None else mask.to(x.dtype))[:, None]  # (T, 1)
         count = m.sum()
         n = count.clamp(min=1)
         mean = (x * m).sum(0) / n  # (C,)
         var = ((x - mean).square() * m).sum(0) / n  # biased, used to normalise
-        with torch.no_grad():  # no host sync: a batch without real tokens updates nothing
+        with torch.no_grad():  # a batch without real tokens updates nothing
             unbiased = var * (count / (count - 1).clamp(min=1))
             mom = self.momentum if self.momentum is not None else 1.0 / float(
                 self.num_batches_tracked + 1)
