@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 # --------------------------------------------------------------------------- product keys
 
 
+@lru_cache(maxsize=8)
 def candidate_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank pairs (a, b) with (a + 1) * (b + 1) <= k: all that can reach the top-k.
 
