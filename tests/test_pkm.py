@@ -1,0 +1,264 @@
+import math
+
+import pytest
+import torch
+
+from memformers.config import ModelConfig
+from memformers.memory.configs import PKMConfig
+from memformers.memory.pkm import (
+    MaskedBatchNorm1d,
+    ProductKeyMemory,
+    pkm_param_groups,
+    pkm_usage_report,
+    product_topk,
+    track_pkm_usage,
+    usage_stats,
+    value_optimizer,
+    value_parameters,
+)
+from memformers.model import MemformerLM, lm_loss
+
+
+def brute_topk(q, keys, k):
+    """Top-k over all n^2 full keys [c1_i; c2_j], slot = i * n + j."""
+    H, _, n, h = keys.shape
+    full = torch.cat([keys[:, 0, :, None, :].expand(H, n, n, h),
+                      keys[:, 1, None, :, :].expand(H, n, n, h)], -1).reshape(H, n * n, 2 * h)
+    scores = torch.einsum("thd,hnd->thn", q, full)  # (T, H, n^2)
+    return scores, scores.topk(k, dim=-1)
+
+
+def full_score(q, keys, slots):
+    n = keys.shape[2]
+    i, j = slots // n, slots % n
+    H = keys.shape[0]
+    hh = torch.arange(H)[None, :, None]
+    k1, k2 = keys[hh, 0, i], keys[hh, 1, j]  # (T, H, k, h)
+    h = keys.shape[-1]
+    return (q[..., None, :h] * k1).sum(-1) + (q[..., None, h:] * k2).sum(-1)
+
+
+@pytest.mark.parametrize("n,k", [(16, 4), (32, 8), (20, 20)])
+def test_product_topk_equals_brute_force(n, k):
+    torch.manual_seed(n + k)
+    T, H, h = 40, 3, 4
+    q = torch.randn(T, H, 2 * h, dtype=torch.float64)
+    keys = torch.randn(H, 2, n, h, dtype=torch.float64)
+    scores, slots = product_topk(q, keys, k)
+    _, (bs, bi) = brute_topk(q, keys, k)
+    assert torch.equal(slots, bi)
+    assert torch.allclose(scores, bs)
+
+
+def test_product_topk_with_ties_across_halves():
+    """Integer sub-keys: many (i, j) pairs tie (s1[a] + s2[b] == s1[a'] + s2[b'])."""
+    torch.manual_seed(0)
+    T, H, n, h, k = 30, 2, 16, 2, 6
+    keys = torch.randint(-2, 3, (H, 2, n, h)).double()
+    q = torch.randint(-2, 3, (T, H, 2 * h)).double()
+    # exact duplicates inside a half too: the k-th sub-key ties with the (k+1)-th
+    keys[:, :, 8:] = keys[:, :, :8]
+    scores, slots = product_topk(q, keys, k)
+    all_scores, (bs, _) = brute_topk(q, keys, k)
+    assert torch.equal(scores, bs)  # same top-k score multiset (sorted)
+    # every returned slot really has the returned score, and slots are distinct
+    assert torch.equal(full_score(q, keys, slots), scores)
+    assert torch.equal(all_scores.gather(-1, slots), scores)
+    assert all(len(set(r.tolist())) == k for r in slots.reshape(-1, k))
+    ties = (all_scores >= bs[..., -1:]).sum(-1) > k  # rows whose k-th score is tied
+    assert ties.any()
+
+
+def small_pkm(**kw) -> ProductKeyMemory:
+    torch.manual_seed(0)
+    cfg = PKMConfig(layers=[0], n_keys=16, k_dim=8, heads=2, top_k=4, **kw)
+    return ProductKeyMemory(cfg, d_model=12, shared={})
+
+
+def test_gradients_reach_keys_query_and_only_selected_values():
+    pkm = small_pkm(query_norm="layernorm")
+    x = torch.randn(2, 5, 12)
+    out = pkm(x)
+    assert out.shape == (2, 5, 12)
+    (out * torch.randn_like(out)).sum().backward()
+    for p in (pkm.keys, pkm.query.weight, pkm.query.bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with torch.no_grad():
+        _, slots = pkm.lookup(x.view(10, 12))
+    touched = pkm.values.weight.grad.abs().sum(1).nonzero().flatten()
+    assert torch.equal(touched, slots.unique())
+
+
+def test_subkey_gradients_match_autograd_through_full_scores():
+    torch.manual_seed(1)
+    q = torch.randn(7, 2, 6, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(2, 2, 10, 3, dtype=torch.float64, requires_grad=True)
+    scores, slots = product_topk(q, keys, 5)
+    g = torch.randn_like(scores)
+    ga = torch.autograd.grad((scores * g).sum(), (q, keys))
+    gb = torch.autograd.grad((full_score(q, keys, slots) * g).sum(), (q, keys))
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b)
+
+
+def test_sparse_and_dense_values_same_forward_and_sgd_update():
+    x = torch.randn(3, 6, 12)
+    outs, weights = [], []
+    for sparse in (False, True):
+        pkm = small_pkm(sparse=sparse)
+        assert pkm.values.sparse is sparse
+        opt = torch.optim.SGD(pkm.parameters(), lr=0.5)
+        out = pkm(x)
+        out.square().sum().backward()
+        assert pkm.values.weight.grad.is_sparse is sparse
+        opt.step()
+        outs.append(out.detach())
+        weights.append({k: v.clone() for k, v in pkm.state_dict().items()})
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6), k
+
+
+def test_value_optimizer_kinds_and_param_groups():
+    for sparse, kind in ((False, torch.optim.Adam), (True, torch.optim.SparseAdam)):
+        pkm = small_pkm(sparse=sparse)
+        opt = value_optimizer(pkm, pkm.cfg)
+        assert type(opt) is kind and opt.param_groups[0]["lr"] == pkm.cfg.value_lr
+        groups = pkm_param_groups(pkm, 1e-3, 0.1)
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert id(pkm.values.weight) not in ids
+        assert len(ids) + 1 == len(list(pkm.parameters()))
+        pkm(torch.randn(2, 3, 12)).sum().backward()
+        before = pkm.values.weight.detach().clone()
+        opt.step()
+        changed = (pkm.values.weight - before).abs().sum(1) > 0
+        assert 0 < changed.sum() < pkm.n_slots  # only the rows that were read
+
+
+def test_shared_values_one_parameter_counted_once():
+    cfg = ModelConfig(n_layers=3, d_model=16, n_heads=2, head_dim=8, d_ff=32, vocab_size=20,
+                      pkm=PKMConfig(layers=[0, 2], n_keys=8, k_dim=8, heads=2, top_k=2,
+                                    share_values=True))
+    model = MemformerLM(cfg)
+    a, b = model.blocks[0].ffn, model.blocks[2].ffn
+    assert a.values.weight is b.values.weight
+    assert a.keys is not b.keys
+    assert len(value_parameters(model)) == 1
+    unshared = MemformerLM(ModelConfig(**{**cfg.__dict__, "pkm": PKMConfig(
+        layers=[0, 2], n_keys=8, k_dim=8, heads=2, top_k=2)}))
+    assert len(value_parameters(unshared)) == 2
+    assert unshared.num_parameters() - model.num_parameters() == 64 * 16
+
+
+def test_memory_plus_output():
+    pkm = small_pkm(memory_plus=True, query_norm="none")
+    x = torch.randn(2, 4, 12)
+    w, slots = pkm.lookup(x.view(8, 12))
+    read = (w[..., None] * pkm.values.weight[slots]).sum((1, 2))  # (8, D)
+    expect = pkm.down(read * torch.nn.functional.silu(pkm.gate(x.view(8, 12))))
+    assert torch.allclose(pkm(x).view(8, 12), expect, atol=1e-6)
+
+
+def test_plain_output_is_weighted_sum_of_selected_values():
+    pkm = small_pkm().eval()
+    x = torch.randn(2, 4, 12)
+    w, slots = pkm.lookup(x.view(8, 12))
+    assert torch.allclose(w.sum(-1), torch.ones(8, 2))
+    read = (w[..., None] * pkm.values.weight[slots]).sum((1, 2))
+    assert torch.allclose(pkm(x).view(8, 12), read, atol=1e-6)
+
+
+def test_masked_batchnorm_ignores_padding():
+    pkm = small_pkm()  # batchnorm query norm, train mode
+    x = torch.randn(2, 6, 12)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 1:] = False
+    y = x.clone()
+    y[~mask] = 100 * torch.randn(int((~mask).sum()), 12)
+    a, b = pkm(x, mask), pkm(y, mask)
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+    bn = MaskedBatchNorm1d(5, momentum=None)  # cumulative average: one batch = its stats
+    z = torch.randn(9, 5)
+    m = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    out = bn(z, m)
+    real = z[m]
+    assert torch.allclose(bn.running_mean, real.mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, real.var(0), atol=1e-5)
+    ref = torch.nn.functional.batch_norm(real, None, None, training=True)
+    assert torch.allclose(out[m], ref, atol=1e-5)
+    bn.eval()
+    assert torch.allclose(bn(z, m), (z - real.mean(0)) / (real.var(0) + bn.eps).sqrt(),
+                          atol=1e-5)
+
+
+def test_usage_stats_hand_made():
+    c = torch.zeros(100)
+    c[:4] = torch.tensor([50.0, 40.0, 9.0, 1.0])
+    s = usage_stats(c)
+    assert s["used"] == 0.04
+    assert (s["slots_50"], s["slots_90"], s["slots_99"]) == (1, 2, 3)
+    p = torch.tensor([0.5, 0.4, 0.09, 0.01], dtype=torch.float64)
+    assert math.isclose(s["kl_uniform"], float((p * (p * 100).log()).sum()), rel_tol=1e-9)
+    u = usage_stats(torch.ones(64))
+    assert u["used"] == 1 and abs(u["kl_uniform"]) < 1e-12
+    assert (u["slots_50"], u["slots_90"], u["slots_99"]) == (32, 58, 64)
+
+
+def test_usage_tracking_counts_real_tokens_only():
+    pkm = small_pkm().eval()
+    x = torch.randn(2, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    pkm(x, mask)  # not tracked
+    with track_pkm_usage(pkm):
+        pkm(x, mask)
+        pkm(x, mask)
+    pkm(x, mask)  # not tracked
+    w, slots = pkm.lookup(x.view(10, 12)[mask.view(-1)])
+    expect = torch.zeros(pkm.n_slots, dtype=torch.float64)
+    expect.index_add_(0, slots.flatten(), 2 * w.double().flatten())
+    assert torch.allclose(pkm.usage.counts, expect)
+    rep = pkm_usage_report(pkm)[""]
+    assert rep["tokens"] == 16
+    assert rep == {**usage_stats(expect), "tokens": 16}
+
+
+def test_pkm_in_memformer_lm_trains():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, head_dim=8, d_ff=64, vocab_size=30,
+                      pkm=PKMConfig(layers=[1], n_keys=16, k_dim=16, heads=2, top_k=4))
+    model = MemformerLM(cfg)
+    assert isinstance(model.blocks[1].ffn, ProductKeyMemory)
+    main = torch.optim.AdamW(pkm_param_groups(model, 3e-3, 0.0), lr=3e-3)
+    vals = value_optimizer(model, cfg.pkm)
+    tokens = torch.randint(0, 30, (4, 17))
+    losses = []
+    for _ in range(15):
+        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        main.zero_grad()
+        vals.zero_grad()
+        loss.backward()
+        main.step()
+        vals.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3
+    model.eval()
+    with track_pkm_usage(model), torch.no_grad():
+        model(tokens)
+    rep = pkm_usage_report(model)
+    assert set(rep) == {"blocks.1.ffn"} and 0 < rep["blocks.1.ffn"]["used"] <= 1
+
+
+def test_masked_batchnorm_without_padding_matches_batchnorm1d():
+    torch.manual_seed(3)
+    z = torch.randn(10, 4)
+    ref, bn = torch.nn.BatchNorm1d(4), MaskedBatchNorm1d(4)
+    for mask in (torch.ones(10, dtype=torch.bool), None):
+        assert torch.allclose(bn(z, mask), ref(z), atol=1e-6)
+    assert torch.allclose(bn.running_mean, ref.running_mean)
+    assert torch.allclose(bn.running_var, ref.running_var)
+    # the masked path on the same all-real batch gives the same numbers
+    man = MaskedBatchNorm1d(4)
+    zz = torch.cat([z, torch.zeros(1, 4)])
+    out = man(zz, torch.cat([torch.ones(10, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)]))
+    assert torch.allclose(out[:10], ref(z), atol=1e-5)
