@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
+from memformers.config import TrainConfig
 from memformers.memory.configs import PKMConfig
-from memformers.memory.pkm import ProductKeyMemory, pkm_param_groups, value_optimizer
+from memformers.memory.pkm import ProductKeyMemory
 from memformers.model.ffn import MLP
+from memformers.train.optim import build_optimizers
 
 D_MODEL, D_FF = 256, 1024
 
@@ -105,8 +107,7 @@ def step_child(args) -> dict:
     pkm = make_pkm(args.child_n, args.child_sparse, args)
     x, mask = inputs(args)
     x.requires_grad_(False)
-    main = torch.optim.AdamW(pkm_param_groups(pkm, 1e-3, 0.1), lr=1e-3)
-    vals = value_optimizer(pkm, pkm.cfg)
+    opts = build_optimizers(pkm, TrainConfig(lr=1e-3, weight_decay=0.1))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -116,11 +117,11 @@ def step_child(args) -> dict:
     for i in range(args.warmup + args.repeats):
         sync(args.device)
         t = time.perf_counter()
-        main.zero_grad(set_to_none=True)
-        vals.zero_grad(set_to_none=True)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
         pkm(x, mask).square().mean().backward()
-        main.step()
-        vals.step()
+        for o in opts:
+            o.step()
         sync(args.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)

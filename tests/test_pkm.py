@@ -3,20 +3,19 @@ import math
 import pytest
 import torch
 
-from memformers.config import ModelConfig
+from memformers.config import ModelConfig, TrainConfig
 from memformers.memory.configs import PKMConfig
 from memformers.memory.pkm import (
     MaskedBatchNorm1d,
     ProductKeyMemory,
-    pkm_param_groups,
     pkm_usage_report,
     product_topk,
     track_pkm_usage,
     usage_stats,
-    value_optimizer,
     value_parameters,
 )
 from memformers.model import MemformerLM, lm_loss
+from memformers.train.optim import build_optimizers, set_lr
 
 
 def brute_topk(q, keys, k):
@@ -120,14 +119,19 @@ def test_sparse_and_dense_values_same_forward_and_sgd_update():
 
 
 def test_value_optimizer_kinds_and_param_groups():
-    for sparse, kind in ((False, torch.optim.Adam), (True, torch.optim.SparseAdam)):
+    for sparse, kind in ((False, torch.optim.AdamW), (True, torch.optim.SparseAdam)):
         pkm = small_pkm(sparse=sparse)
-        opt = value_optimizer(pkm, pkm.cfg)
-        assert type(opt) is kind and opt.param_groups[0]["lr"] == pkm.cfg.value_lr
-        groups = pkm_param_groups(pkm, 1e-3, 0.1)
-        ids = [id(p) for g in groups for p in g["params"]]
-        assert id(pkm.values.weight) not in ids
-        assert len(ids) + 1 == len(list(pkm.parameters()))
+        opts = build_optimizers(pkm, TrainConfig(lr=1e-3, weight_decay=0.1))
+        opt = opts[-1]
+        (group,) = [g for g in opt.param_groups if any(p is pkm.values.weight
+                                                       for p in g["params"])]
+        assert type(opt) is kind and group["lr"] == pkm.cfg.value_lr
+        assert len(group["params"]) == 1 and group["params"][0] is pkm.values.weight
+        assert group.get("weight_decay", 0) == 0
+        assert sum(len(g["params"]) for o in opts for g in o.param_groups) == \
+            len(list(pkm.parameters()))
+        set_lr(opts, 50, TrainConfig(steps=100, warmup_steps=10))
+        assert group["lr"] == pkm.cfg.value_lr  # constant, never scheduled
         pkm(torch.randn(2, 3, 12)).sum().backward()
         before = pkm.values.weight.detach().clone()
         opt.step()
@@ -229,17 +233,16 @@ def test_pkm_in_memformer_lm_trains():
                       pkm=PKMConfig(layers=[1], n_keys=16, k_dim=16, heads=2, top_k=4))
     model = MemformerLM(cfg)
     assert isinstance(model.blocks[1].ffn, ProductKeyMemory)
-    main = torch.optim.AdamW(pkm_param_groups(model, 3e-3, 0.0), lr=3e-3)
-    vals = value_optimizer(model, cfg.pkm)
+    opts = build_optimizers(model, TrainConfig(lr=3e-3, weight_decay=0.0))
     tokens = torch.randint(0, 30, (4, 17))
     losses = []
     for _ in range(15):
         loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        main.zero_grad()
-        vals.zero_grad()
+        for o in opts:
+            o.zero_grad()
         loss.backward()
-        main.step()
-        vals.step()
+        for o in opts:
+            o.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
     model.eval()

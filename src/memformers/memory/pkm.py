@@ -18,7 +18,7 @@ Options: "Memory+" output ``W2(m(x) * silu(W1 x))`` and one value table shared
 by every PKM layer of a model (Berges et al., "Memory Layers at Scale", 2024);
 sparse value gradients (``EmbeddingBag(sparse=True)`` + ``SparseAdam``).
 Value tables get their own optimizer (Adam, constant ``value_lr``, no weight
-decay): see ``pkm_param_groups`` / ``value_optimizer``. Slot-usage statistics
+decay): see ``ProductKeyMemory.param_groups``. Slot-usage statistics
 for evaluation: ``track_pkm_usage`` + ``pkm_usage_report``.
 """
 
@@ -243,6 +243,15 @@ class ProductKeyMemory(nn.Module):
             self.down = nn.Linear(d_model, d_model, bias=False)
         self.usage = PKMUsage(self.n_slots)
 
+    def param_groups(self, train_cfg) -> list[dict]:
+        """Optimiser groups (see ``train.optim``): the values get their own constant-lr
+        Adam without weight decay (SparseAdam with ``sparse``); sub-keys are not decayed.
+        Sparse value gradients are left out of gradient clipping by the trainer."""
+        values = {"params": [self.values.weight], "lr": self.cfg.value_lr, "weight_decay": 0.0,
+                  "constant_lr": True, "name": "pkm_values",
+                  "optimizer": "sparse_adam" if self.cfg.sparse else "adamw"}
+        return [values, {"params": [self.keys], "weight_decay": 0.0, "name": "pkm_keys"}]
+
     def _value_table(self, cfg: PKMConfig, d_model: int, shared: dict | None) -> nn.EmbeddingBag:
         if cfg.share_values and shared is not None and "pkm_values" in shared:
             table = shared["pkm_values"]
@@ -311,40 +320,6 @@ def value_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def pkm_param_groups(model: nn.Module, base_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups for everything *except* the PKM value tables.
-
-    Weight decay on matrices (dim >= 2) except sub-keys; none on biases, norms
-    and sub-keys. Put the values in ``value_optimizer(model, cfg)``.
-    """
-    values = {id(p) for p in value_parameters(model)}
-    keys = {id(mod.keys) for _, mod in pkm_modules(model)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():  # deduplicated by nn.Module.parameters()
-        if not p.requires_grad or id(p) in values or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in keys else no_decay).append(p)
-    groups = [{"params": decay, "lr": base_lr, "weight_decay": weight_decay},
-              {"params": no_decay, "lr": base_lr, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def value_optimizer(model: nn.Module, cfg: PKMConfig) -> torch.optim.Optimizer | None:
-    """The values' own optimizer: constant lr ``cfg.value_lr``, no weight decay.
-
-    Dense gradients: Adam. Sparse gradients (``cfg.sparse``): SparseAdam, which
-    only touches the rows that were read. Do not schedule its lr, and leave
-    its (possibly sparse) gradients out of the main gradient clipping.
-    """
-    params = value_parameters(model)
-    if not params:
-        return None
-    if cfg.sparse:
-        return torch.optim.SparseAdam(params, lr=cfg.value_lr)
-    return torch.optim.Adam(params, lr=cfg.value_lr, weight_decay=0.0)
-
-
 @contextmanager
 def track_pkm_usage(model: nn.Module):
     """Accumulate slot weights of every PKM layer while inside the block.
@@ -379,7 +354,7 @@ def pkm_usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
 
 
 __all__ = [
-    "MaskedBatchNorm1d", "PKMUsage", "ProductKeyMemory", "pkm_modules", "pkm_param_groups",
-    "pkm_usage_report", "product_topk", "track_pkm_usage", "usage_stats", "value_optimizer",
+    "MaskedBatchNorm1d", "PKMUsage", "ProductKeyMemory", "pkm_modules",
+    "pkm_usage_report", "product_topk", "track_pkm_usage", "usage_stats",
     "value_parameters",
 ]

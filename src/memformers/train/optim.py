@@ -24,7 +24,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     custom: list[dict] = []
     for module in model.modules():
         hook = getattr(module, "param_groups", None)
-        if callable(hook) and module is not model:
+        if callable(hook):
             for g in hook(cfg):
                 params = [p for p in g["params"] if p.requires_grad and id(p) not in claimed]
                 claimed.update(id(p) for p in params)

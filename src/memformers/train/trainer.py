@@ -220,7 +220,9 @@ class Trainer:
                 if not math.isfinite(loss_sum):
                     raise MemformersError(f"loss is {loss_sum} at step {self.step}; lower "
                                           "train.lr or check the data")
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                dense = [p for p in self.model.parameters()
+                         if p.grad is not None and not p.grad.is_sparse]
+                gnorm = torch.nn.utils.clip_grad_norm_(dense, t.grad_clip)
                 for opt in self.optimizers:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
