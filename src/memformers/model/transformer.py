@@ -50,6 +50,7 @@ class MemformerLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
+        nn.init.normal_(self.embed.weight, std=0.02)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual outputs
@@ -63,8 +64,6 @@ class MemformerLM(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding) and m.weight.shape[1] > 64:
-            nn.init.normal_(m.weight, std=0.02)
 
     # ----------------------------------------------------------------- state
 
