@@ -28,6 +28,7 @@ class KNNConfig:
     faiss_hnsw_m: int = 32  # HNSW graph degree
     faiss_ef_search: int = 64  # HNSW search breadth (raised to top_k when smaller)
     search_group: int = 16  # exact backend: rows per max-group in the two-stage top-k
+    search_tile: int = 1 << 25  # exact backend: fp32 scores per batched matmul (x4 bytes)
 
 
 @dataclass

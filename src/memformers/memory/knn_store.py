@@ -233,7 +233,7 @@ def exact_topk(
     k: int,
     chunk: int = 16384,
     group: int = 16,
-    tile_elems: int = 1 << 23,
+    tile_elems: int = 1 << 25,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of q . key over each memory's valid rows, in fp32.
 
@@ -256,6 +256,8 @@ def exact_topk(
     chunk = max(1, min(chunk, rows))
     per_tile = max(1, min(S, tile_elems // (Q * chunk)))
     filled = filled.to(dev)
+    group_off = {}  # chunk length -> (group, rows per group, offsets of the group's rows)
+    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # reused: no page faults
     for s0 in range(0, S, per_tile):
         s1 = min(S, s0 + per_tile)
         q = queries[s0:s1]  # (s, Q, d)
@@ -265,17 +267,26 @@ def exact_topk(
         for c0 in range(0, s_rows, chunk):
             c1 = min(s_rows, c0 + chunk)
             n = c1 - c0
-            kc = keys[s0:s1, c0:c1].float()  # (s, n, d) one conversion per chunk
-            sc = torch.bmm(q, kc.transpose(1, 2))  # (s, Q, n) fp32
+            shape = (s1 - s0, n)
+            if shape not in buffers:
+                buffers[shape] = (torch.empty(s1 - s0, n, d, device=dev),
+                                  torch.empty(s1 - s0, Q, n, device=dev))
+            kc, sc = buffers[shape]
+            kc.copy_(keys[s0:s1, c0:c1])  # (s, n, d) one fp32 conversion per chunk
+            torch.bmm(q, kc.transpose(1, 2), out=sc)  # (s, Q, n) fp32 scores
             if bool((lim < c1).any()):  # rows past a memory's fill are empty
                 dead = torch.arange(c0, c1, device=dev)[None, :] >= lim[:, None]  # (s, n)
-                sc = sc.masked_fill(dead[:, None, :], float("-inf"))
+                sc.masked_fill_(dead[:, None, :], float("-inf"))
             kk = min(k, n)
-            m = n // group
-            if n % group == 0 and m >= kk and group > 1:
-                gmax = sc.view(s1 - s0, Q, group, m).amax(2)  # (s, Q, m)
-                gi = gmax.topk(kk, dim=-1).indices  # (s, Q, kk) best groups
-                rows_c = (gi[..., None] + torch.arange(group, device=dev) * m).flatten(2)
+            if n not in group_off:
+                m = n // group
+                ok = group > 1 and n % group == 0 and m >= kk
+                group_off[n] = (m, torch.arange(group, device=dev) * m) if ok else None
+            if group_off[n] is not None:
+                m, off = group_off[n]
+                gmax = sc.view(s1 - s0, Q, group, m).amax(2)  # (s, Q, m) one max per group
+                gi = gmax.topk(kk, dim=-1).indices  # (s, Q, kk) the best groups
+                rows_c = (gi[..., None] + off).flatten(2)  # (s, Q, kk * group) their rows
                 ts, ti = sc.gather(2, rows_c).topk(kk, dim=-1)  # (s, Q, kk)
                 ti = rows_c.gather(2, ti)
             else:
@@ -297,7 +308,7 @@ class ExactSearch(SearchBackend):
     def search(self, queries, k):
         keys, filled = self.store.memory_view()
         return exact_topk(keys, filled, queries, k, self.cfg.search_chunk,
-                          self.cfg.search_group)
+                          self.cfg.search_group, self.cfg.search_tile)
 
 
 class FaissSearch(SearchBackend):
