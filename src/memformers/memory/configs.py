@@ -24,6 +24,11 @@ class KNNConfig:
     faiss_block: int = 16384  # FIFO block size of the faiss backend (one index per block)
     faiss_index: str = "flat"  # "flat" | "ivf" | "hnsw"
     faiss_nprobe: int = 8
+    faiss_nlist: int = 0  # IVF lists per block; 0 = auto (faiss_block // 64, at least 1)
+    faiss_hnsw_m: int = 32  # HNSW graph degree
+    faiss_ef_search: int = 64  # HNSW search breadth (raised to top_k when smaller)
+    search_group: int = 16  # exact backend: rows per max-group in the two-stage top-k
+    search_tile: int = 1 << 25  # exact backend: fp32 scores per batched matmul (x4 bytes)
 
 
 @dataclass

@@ -1,0 +1,100 @@
+"""Memorizing Transformers kNN memory (Wu et al., ICLR 2022; REFERENCE.md section 1).
+
+The kNN layer keeps, per (stream, head), a FIFO memory of the (key, value)
+pairs of earlier segments and lets every query attend to its top-k nearest
+stored keys as well as to the local (XL) context:
+
+    q = s_h * q / |q|,  k = k / |k|          L2-normalised, learned scale s_h > 0
+    V_c = softmax(q K_local^T) V_local        local attention (SDPA, scale 1)
+    (K_m, V_m_) = top-k of q . k_mem          retrieved, stop-gradient
+    V_m = softmax(q K_m^T) V_m_               separate softmax over the k scores
+    V   = g_h V_m + (1 - g_h) V_c,  g_h = sigmoid(b_h)
+
+Retrieval happens BEFORE this segment's keys/values are written (a segment
+never retrieves itself). Memories carry no position information. Gradients
+reach q (and s_h) through the scores and b_h through the gate; the stored and
+retrieved keys/values are constants. A stream whose memory is still empty gets
+V = V_c exactly, so ``capacity = 0`` is the plain (XL) model with normalised q/k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from memformers.errors import MemformersError
+from memformers.memory.base import AttentionMemory
+from memformers.memory.configs import KNNConfig
+from memformers.memory.knn_store import KNNStore, knn_footprint_bytes
+
+
+class KNNMemoryAttention(AttentionMemory):
+    def __init__(self, cfg: KNNConfig, *, n_heads: int, head_dim: int, d_model: int):
+        super().__init__()
+        if cfg.scale_init <= 0:
+            raise MemformersError(f"model.knn.scale_init must be positive, got {cfg.scale_init}")
+        self.cfg = cfg
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.log_scale = nn.Parameter(torch.full((n_heads,), math.log(cfg.scale_init)))
+        self.gate = nn.Parameter(torch.full((n_heads,), float(cfg.gate_init)))  # b_h
+        self.store = KNNStore(cfg, n_heads, head_dim)  # plain attribute: not in state_dict
+
+    # ----------------------------------------------------------------- attention
+
+    def transform_qk(self, q, k):
+        """L2-normalise q, k per head; q times the learned temperature; SDPA scale 1."""
+        scale = self.log_scale.exp().to(q.dtype)[None, :, None, None]  # (1, H, 1, 1)
+        q = nn.functional.normalize(q, dim=-1) * scale
+        k = nn.functional.normalize(k, dim=-1)
+        return q, k, 1.0
+
+    def forward(self, x, q, k, v, local_out, mask, commit):
+        B, H, L, d = q.shape
+        out = local_out
+        if not self.store.is_empty():
+            out = self._read(q, local_out)
+        if commit:
+            self.store.write(k, v, mask)
+        return out
+
+    def _read(self, q: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
+        B, H, L, d = q.shape
+        qf = q.float().reshape(B * H, L, d)  # (S, L, d)
+        k_top = min(self.cfg.top_k, self.cfg.capacity)
+        _, slots = self.store.search(qf, k_top)  # (S, L, k), no grad
+        k_mem, v_mem = self.store.gather(slots)  # (S, L, k, d) fp32, constants
+        scores = torch.einsum("sld,slkd->slk", qf, k_mem)  # grad -> q only
+        scores = scores.masked_fill(slots < 0, float("-inf"))
+        found = (slots >= 0).any(-1, keepdim=True)  # (S, L, 1) at least one memory
+        weights = torch.softmax(scores.masked_fill(~found, 0.0), dim=-1)
+        mem = torch.einsum("slk,slkd->sld", weights, v_mem)  # (S, L, d)
+        mem = mem.view(B, H, L, d).to(local_out.dtype)
+        g = torch.sigmoid(self.gate).to(local_out.dtype)[None, :, None, None]  # (1, H, 1, 1)
+        mixed = g * mem + (1 - g) * local_out
+        use = found.view(B, H, L, 1)  # empty memory -> pure local attention
+        return torch.where(use, mixed, local_out)
+
+    def gate_values(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate.detach())
+
+    # ----------------------------------------------------------------- stream state
+
+    def allocate(self, batch_size: int, device: torch.device | str) -> None:
+        self.store.allocate(batch_size, device)
+
+    def reset(self, streams: torch.Tensor) -> None:
+        self.store.reset(streams)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.store.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            self.store.allocate(self.store.batch_size, self.store.device)
+            return
+        self.store.load_state_tensors(tensors)
+
+    def state_bytes_per_stream(self) -> int:
+        return knn_footprint_bytes(self.cfg, self.n_heads, self.head_dim, 1, 1)

@@ -1,0 +1,500 @@
+"""FIFO (key, value) memories of the kNN layer and the searches over them.
+
+One memory per (stream, head) -- S = B * H memories -- each a ring buffer of
+``capacity`` rows (Memorizing Transformers sec. 3: FIFO, cleared when its
+stream starts a new document, nothing backpropagated into it):
+
+    keys, values : (B, H, C, d) in ``storage_dtype``   (fp16 halves the footprint)
+    count        : (B,) int64 rows written since the stream's last reset
+    filled_b     = min(count_b, C)        valid rows are always slots [0, filled_b)
+    next slot_b  = count_b mod C          (the oldest row is overwritten first)
+
+Every head of a stream receives the same tokens, so ``count`` is per stream.
+
+Searches implement one small interface, ``SearchBackend.search(queries, k)``:
+queries (S, Q, d) fp32 -> (scores (S, Q, k) fp32, slots (S, Q, k) int64), best
+first, missing entries (memory holding fewer than k rows) as score -inf and
+slot -1. Slots index the ring, so values are always gathered from the store.
+
+* ``ExactSearch``: exact maximum inner product, chunked over memory rows, never
+  materialising a (queries x capacity) score matrix.
+* ``FaissSearch``: approximate search with faiss (flat / IVF / HNSW indexes) on
+  time-ordered blocks of the ring: one index per (memory, block), the oldest
+  block dropped whole when the ring wraps into it.
+
+Measured cost of one segment (benchmarks/bench_knn_search.py, 16 full memories
+of d=32, 512 queries each, top-32, then adding the segment's 512 keys of every
+(stream, head); medians of 3, shared 2-core CPU under load ~4, torch 2 threads):
+
+    capacity  exact(fp16)  faiss flat  faiss ivf nprobe 8 / 64 (recall@32)
+    65,536       5.1 s       7.4 s      1.7 s (0.38) / 4.4 s (0.89)
+    262,144     17.2 s      23.1 s      4.4 s (0.43) / 11.1 s (0.92)
+
+(HNSW at 65,536: 11.8 s per segment, recall 0.99, half of it graph insertion.)
+Keys there are random unit vectors, the hardest case for IVF recall.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from memformers.errors import MemformersError
+from memformers.memory.configs import KNNConfig
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float32": torch.float32}
+
+
+def knn_footprint_bytes(cfg: KNNConfig, n_heads: int, head_dim: int, batch_size: int,
+                        n_layers_with_knn: int = 1) -> int:
+    """Up-front estimate of the bytes all kNN memories of a model will hold.
+
+    Ring storage is ``capacity * H * d * 2 (keys, values) * bytes`` per stream and
+    layer; the faiss backend also keeps an fp32 copy of every key inside its
+    indexes (plus graph links for HNSW).
+    """
+    per_vec = 2 * head_dim * STORAGE_DTYPES[cfg.storage_dtype].itemsize
+    if cfg.backend == "faiss":
+        per_vec += 4 * head_dim
+        if cfg.faiss_index == "hnsw":
+            per_vec += 2 * cfg.faiss_hnsw_m * 4  # level-0 links (upper levels are small)
+        elif cfg.faiss_index == "ivf":
+            per_vec += 8  # stored ids
+    per_stream = cfg.capacity * n_heads * per_vec + 8
+    return per_stream * batch_size * n_layers_with_knn
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class KNNStore:
+    """Ring buffers of (key, value) pairs, one per (stream, head)."""
+
+    def __init__(self, cfg: KNNConfig, n_heads: int, head_dim: int):
+        if cfg.storage_dtype not in STORAGE_DTYPES:
+            raise MemformersError(f"knn storage_dtype must be one of "
+                                  f"{', '.join(STORAGE_DTYPES)}; got '{cfg.storage_dtype}'")
+        self.cfg = cfg
+        self.capacity, self.n_heads, self.head_dim = cfg.capacity, n_heads, head_dim
+        self.dtype = STORAGE_DTYPES[cfg.storage_dtype]
+        self.batch_size = 0
+        self.device: torch.device = torch.device("cpu")
+        self.keys: torch.Tensor | None = None  # (B, H, C, d), allocated on first write
+        self.values: torch.Tensor | None = None  # (B, H, C, d)
+        self.count = torch.zeros(0, dtype=torch.long)  # (B,)
+        self.backend = make_backend(cfg, self)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def allocate(self, batch_size: int, device: torch.device | str) -> None:
+        """Empty memories for ``batch_size`` streams; storage comes on first write."""
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.keys = self.values = None
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.backend.clear_all()
+
+    def _ensure_storage(self) -> None:
+        if self.keys is None:
+            shape = (self.batch_size, self.n_heads, self.capacity, self.head_dim)
+            try:
+                self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            except (RuntimeError, MemoryError) as e:  # torch raises RuntimeError on OOM
+                need = 2 * math.prod(shape) * self.dtype.itemsize
+                raise MemformersError(f"kNN memory needs {need / 2**30:.2f} GiB for "
+                                      f"{self.batch_size} streams; lower model.knn.capacity "
+                                      f"or data.batch_size ({e.__class__.__name__})") from None
+
+    def reset(self, streams: torch.Tensor) -> None:
+        """Forget everything stored for the streams flagged in ``streams`` (B,) bool."""
+        streams = streams.to(self.count.device)
+        self.count = torch.where(streams, torch.zeros_like(self.count), self.count)
+        self.backend.reset_streams(streams.nonzero().flatten().tolist())
+
+    @property
+    def filled(self) -> torch.Tensor:  # (B,) valid rows per stream
+        return self.count.clamp(max=self.capacity)
+
+    def is_empty(self) -> bool:
+        return self.capacity == 0 or not bool((self.count > 0).any())
+
+    # ----------------------------------------------------------------- write
+
+    @torch.no_grad()
+    def write(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append the tokens where ``mask`` (B, L) is True of k, v (B, H, L, d), FIFO."""
+        if self.capacity == 0:
+            return
+        self._ensure_storage()
+        C = self.capacity
+        mask = mask.to(self.device)
+        n_new = mask.sum(1)  # (B,)
+        rank = mask.long().cumsum(1) - 1  # (B, L) position among this stream's new tokens
+        keep = mask & (rank >= (n_new - C)[:, None])  # more than C new: keep the last C
+        b_idx, t_idx = keep.nonzero(as_tuple=True)  # (N,), (N,)
+        slot = (self.count[b_idx] + rank[b_idx, t_idx]) % C  # (N,)
+        k_new = k.detach()[b_idx, :, t_idx].to(self.dtype)  # (N, H, d)
+        v_new = v.detach()[b_idx, :, t_idx].to(self.dtype)
+        self.keys[b_idx, :, slot] = k_new
+        self.values[b_idx, :, slot] = v_new
+        old = self.count.clone()
+        self.count = self.count + n_new
+        self.backend.on_write(old, self.count)
+
+    # ----------------------------------------------------------------- read
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (S, Q, d) fp32 -> (scores, slots), each (S, Q, k); see module doc."""
+        S, Q, _ = queries.shape
+        if self.is_empty():
+            return (torch.full((S, Q, k), float("-inf"), device=queries.device),
+                    torch.full((S, Q, k), -1, dtype=torch.long, device=queries.device))
+        with torch.no_grad():
+            return self.backend.search(queries.detach().float(), k)
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ring ``slots`` (S, Q, k) -> two (S, Q, k, d) fp32 tensors.
+
+        Missing slots (-1) return zeros; the caller masks them out of the softmax.
+        """
+        S, Q, k = slots.shape
+        d = self.head_dim
+        base = torch.arange(S, device=slots.device)[:, None, None] * self.capacity
+        flat = (base + slots.clamp(min=0)).flatten()  # (S*Q*k,)
+        keys = self.keys.view(-1, d).index_select(0, flat).view(S, Q, k, d).float()
+        values = self.values.view(-1, d).index_select(0, flat).view(S, Q, k, d).float()
+        return keys, values
+
+    def memory_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (S, C, d) in storage dtype and valid rows per memory (S,)."""
+        S = self.batch_size * self.n_heads
+        keys = self.keys.view(S, self.capacity, self.head_dim)
+        filled = self.filled.repeat_interleave(self.n_heads)
+        return keys, filled
+
+    # ----------------------------------------------------------------- save / load
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"count": self.count.clone()}
+        if self.keys is not None:
+            rows = int(self.filled.max()) if self.batch_size else 0  # unwritten rows: omit
+            out["keys"] = self.keys[:, :, :rows].contiguous()
+            out["values"] = self.values[:, :, :rows].contiguous()
+        out.update(self.backend.state_tensors())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        count = tensors["count"].to(self.device, torch.long)
+        if count.shape[0] != self.batch_size:
+            self.allocate(count.shape[0], self.device)
+        self.count = count.clone()
+        self.keys = self.values = None
+        if "keys" in tensors:
+            keys, values = tensors["keys"], tensors["values"]
+            if keys.shape[1:2] != (self.n_heads,) or keys.shape[3] != self.head_dim \
+                    or keys.shape[2] > self.capacity:
+                raise MemformersError(f"saved kNN memory of shape {tuple(keys.shape)} does "
+                                      f"not fit capacity {self.capacity}, {self.n_heads} heads "
+                                      f"x {self.head_dim}")
+            self._ensure_storage()
+            rows = keys.shape[2]
+            self.keys[:, :, :rows] = keys.to(self.device, self.dtype)
+            self.values[:, :, :rows] = values.to(self.device, self.dtype)
+        self.backend.load(tensors)
+
+    def state_bytes_per_stream(self) -> int:
+        return knn_footprint_bytes(self.cfg, self.n_heads, self.head_dim, 1, 1)
+
+
+# --------------------------------------------------------------------------- searches
+
+
+class SearchBackend:
+    """top-k maximum inner product over the store's S = B * H memories."""
+
+    def __init__(self, cfg: KNNConfig, store: KNNStore):
+        self.cfg, self.store = cfg, store
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def on_write(self, old_count: torch.Tensor, new_count: torch.Tensor) -> None:
+        """Rows ``old_count .. new_count`` (per stream) were just written to the ring."""
+
+    def reset_streams(self, streams: list[int]) -> None:
+        """These streams' memories were cleared."""
+
+    def clear_all(self) -> None:
+        """Every memory was (re)allocated empty."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Rebuild search structures from the (just loaded) ring."""
+
+
+def exact_topk(
+    keys: torch.Tensor,  # (S, C, d) any float dtype
+    filled: torch.Tensor,  # (S,) valid rows (a prefix of the C slots)
+    queries: torch.Tensor,  # (S, Q, d) fp32
+    k: int,
+    chunk: int = 16384,
+    group: int = 16,
+    tile_elems: int = 1 << 25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of q . key over each memory's valid rows, in fp32.
+
+    Rows are scored ``chunk`` at a time for as many memories as fit ``tile_elems``
+    scores (a batched matmul); each tile is reduced to its own top-k with a
+    two-stage selection: the rows are split into ``group`` strided slices, the
+    element-wise max over slices gives one score per group of ``group`` rows, and
+    the top-k elements must lie in the k groups with the largest maxima (each
+    of the k best rows lifts its group's max to at least its own score). Only
+    those k * group candidates go through the final top-k. Per-tile results are
+    merged with one last top-k. Ties may be broken differently from a full sort.
+    """
+    S, Q, d = queries.shape
+    rows = int(filled.max()) if filled.numel() else 0
+    dev = queries.device
+    out_s = torch.full((S, Q, k), float("-inf"), device=dev)
+    out_i = torch.full((S, Q, k), -1, dtype=torch.long, device=dev)
+    if rows == 0:
+        return out_s, out_i
+    chunk = max(1, min(chunk, rows))
+    per_tile = max(1, min(S, tile_elems // (Q * chunk)))
+    filled = filled.to(dev)
+    group_off = {}  # chunk length -> (group, rows per group, offsets of the group's rows)
+    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # reused: no page faults
+    for s0 in range(0, S, per_tile):
+        s1 = min(S, s0 + per_tile)
+        q = queries[s0:s1]  # (s, Q, d)
+        lim = filled[s0:s1]
+        s_rows = int(lim.max())
+        cand_s, cand_i = [], []
+        for c0 in range(0, s_rows, chunk):
+            c1 = min(s_rows, c0 + chunk)
+            n = c1 - c0
+            shape = (s1 - s0, n)
+            if shape not in buffers:
+                buffers[shape] = (torch.empty(s1 - s0, n, d, device=dev),
+                                  torch.empty(s1 - s0, Q, n, device=dev))
+            kc, sc = buffers[shape]
+            kc.copy_(keys[s0:s1, c0:c1])  # (s, n, d) one fp32 conversion per chunk
+            torch.bmm(q, kc.transpose(1, 2), out=sc)  # (s, Q, n) fp32 scores
+            if bool((lim < c1).any()):  # rows past a memory's fill are empty
+                dead = torch.arange(c0, c1, device=dev)[None, :] >= lim[:, None]  # (s, n)
+                sc.masked_fill_(dead[:, None, :], float("-inf"))
+            kk = min(k, n)
+            if n not in group_off:
+                m = n // group
+                ok = group > 1 and n % group == 0 and m >= kk
+                group_off[n] = (m, torch.arange(group, device=dev) * m) if ok else None
+            if group_off[n] is not None:
+                m, off = group_off[n]
+                gmax = sc.view(s1 - s0, Q, group, m).amax(2)  # (s, Q, m) one max per group
+                gi = gmax.topk(kk, dim=-1).indices  # (s, Q, kk) the best groups
+                rows_c = (gi[..., None] + off).flatten(2)  # (s, Q, kk * group) their rows
+                ts, ti = sc.gather(2, rows_c).topk(kk, dim=-1)  # (s, Q, kk)
+                ti = rows_c.gather(2, ti)
+            else:
+                ts, ti = sc.topk(kk, dim=-1)
+            cand_s.append(ts)
+            cand_i.append(ti + c0)
+        all_s, all_i = torch.cat(cand_s, -1), torch.cat(cand_i, -1)  # (s, Q, n_chunks*k)
+        kk = min(k, all_s.shape[-1])
+        top_s, j = all_s.topk(kk, dim=-1)
+        out_s[s0:s1, :, :kk] = top_s
+        out_i[s0:s1, :, :kk] = all_i.gather(2, j)
+    out_i = out_i.masked_fill(torch.isinf(out_s), -1)  # fewer than k rows: missing
+    return out_s, out_i
+
+
+class ExactSearch(SearchBackend):
+    """Exact search (default): see ``exact_topk``."""
+
+    def search(self, queries, k):
+        keys, filled = self.store.memory_view()
+        return exact_topk(keys, filled, queries, k, self.cfg.search_chunk,
+                          self.cfg.search_group, self.cfg.search_tile)
+
+
+class FaissSearch(SearchBackend):
+    """Approximate search with faiss on time-ordered blocks of the ring.
+
+    Ring slots ``[j * blk, (j + 1) * blk)`` form block j; each (memory, block) has
+    its own index holding that block's rows in slot order, so a faiss id i of
+    block j is ring slot ``j * blk + i``. When the ring wraps into block j its
+    index is dropped whole and refilled (FIFO at block granularity: the oldest
+    <= blk rows disappear together, so a full memory holds between C - blk and C
+    searchable rows). Index types: "flat" (IndexFlatIP, exact), "ivf"
+    (IndexIVFFlat, inner product; k-means centroids trained once per memory on
+    its first full block -- which is searched flat until then -- and reused),
+    "hnsw" (IndexHNSWFlat, inner product).
+    """
+
+    def __init__(self, cfg: KNNConfig, store: KNNStore):
+        super().__init__(cfg, store)
+        try:
+            import faiss
+        except ImportError:
+            raise MemformersError("model.knn.backend='faiss' needs faiss: pip install "
+                                  "faiss-cpu (or faiss-gpu)") from None
+        self.faiss = faiss
+        self.blk = min(cfg.faiss_block, max(cfg.capacity, 1))
+        if cfg.capacity % self.blk:
+            raise MemformersError(f"model.knn.capacity ({cfg.capacity}) must be a multiple of "
+                                  f"model.knn.faiss_block ({cfg.faiss_block})")
+        self.n_blocks = max(cfg.capacity // self.blk, 1)
+        self.nlist = cfg.faiss_nlist or max(1, self.blk // 64)
+        self.indexes: list[list] = []  # [S][n_blocks] index or None
+        self.trained: list = []  # [S] (empty IVF template, quantizer, centroids) or None
+
+    # ----------------------------------------------------------------- indexes
+
+    def _new_index(self, s: int):
+        f, d = self.faiss, self.store.head_dim
+        if self.cfg.faiss_index == "hnsw":
+            index = f.IndexHNSWFlat(d, self.cfg.faiss_hnsw_m, f.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = max(self.cfg.faiss_ef_search, self.cfg.top_k)
+            return index
+        if self.cfg.faiss_index == "ivf" and self.trained[s] is not None:
+            index = f.clone_index(self.trained[s][0])
+            index.nprobe = self.cfg.faiss_nprobe
+            return index
+        return f.IndexFlatIP(d)  # also IVF's first block until it can be trained
+
+    def _ivf_template(self, centroids: np.ndarray):
+        f, d = self.faiss, self.store.head_dim
+        quantizer = f.IndexFlatIP(d)
+        quantizer.add(centroids)
+        index = f.IndexIVFFlat(quantizer, d, centroids.shape[0], f.METRIC_INNER_PRODUCT)
+        index.is_trained = True
+        return index, quantizer, centroids  # keep the quantizer alive with its index
+
+    def _train(self, s: int, data: np.ndarray) -> None:
+        km = self.faiss.Kmeans(self.store.head_dim, self.nlist, niter=10, seed=1234,
+                               spherical=True, verbose=False, min_points_per_centroid=1)
+        km.train(data)
+        self.trained[s] = self._ivf_template(np.ascontiguousarray(km.centroids))
+
+    def _rows(self, s: int, a: int, b: int) -> np.ndarray:
+        keys, _ = self.store.memory_view()
+        return np.ascontiguousarray(keys[s, a:b].float().cpu().numpy())
+
+    def clear_all(self) -> None:
+        S = self.store.batch_size * self.store.n_heads
+        self.indexes = [[None] * self.n_blocks for _ in range(S)]
+        self.trained = [None] * S
+
+    def reset_streams(self, streams: list[int]) -> None:
+        H = self.store.n_heads
+        for b in streams:
+            for s in range(b * H, (b + 1) * H):
+                self.indexes[s] = [None] * self.n_blocks  # trained centroids are kept
+
+    def _add_range(self, b: int, start: int, stop: int) -> None:
+        """Rows written at positions ``start .. stop`` of stream b (start < stop, <= C)."""
+        H, C, blk = self.store.n_heads, self.store.capacity, self.blk
+        pos = start
+        while pos < stop:
+            slot = pos % C
+            j = slot // blk
+            end = min(stop, pos + (blk - slot % blk))  # up to the end of block j
+            a, e = slot, slot + (end - pos)
+            for s in range(b * H, (b + 1) * H):
+                if slot % blk == 0 or self.indexes[s][j] is None:
+                    self.indexes[s][j] = self._new_index(s)  # entering block j: drop it
+                index = self.indexes[s][j]
+                index.add(self._rows(s, a, e))
+                if (self.cfg.faiss_index == "ivf" and self.trained[s] is None
+                        and index.ntotal == blk):  # first full block: train, rebuild
+                    data = self._rows(s, j * blk, (j + 1) * blk)
+                    self._train(s, data)
+                    self.indexes[s][j] = self._new_index(s)
+                    self.indexes[s][j].add(data)
+            pos = end
+
+    def on_write(self, old_count, new_count) -> None:
+        C = self.store.capacity
+        for b, (o, n) in enumerate(zip(old_count.tolist(), new_count.tolist())):
+            if n > o:
+                self._add_range(b, max(o, n - C), n)
+
+    # ----------------------------------------------------------------- search
+
+    def search(self, queries, k):
+        S, Q, _ = queries.shape
+        blk = self.blk
+        qn = np.ascontiguousarray(queries.cpu().numpy())
+        out_s = torch.full((S, Q, k), float("-inf"))
+        out_i = torch.full((S, Q, k), -1, dtype=torch.long)
+        for s in range(S):
+            found_s, found_i = [], []
+            for j, index in enumerate(self.indexes[s]):
+                if index is None or index.ntotal == 0:
+                    continue
+                D, ids = index.search(qn[s], k)  # (Q, k) each
+                ids = torch.from_numpy(ids)
+                found_s.append(torch.from_numpy(D).masked_fill(ids < 0, float("-inf")))
+                found_i.append(torch.where(ids < 0, ids, ids + j * blk))
+            if not found_s:
+                continue
+            all_s, all_i = torch.cat(found_s, 1), torch.cat(found_i, 1)  # (Q, blocks * k)
+            top_s, j = all_s.topk(k, dim=1)
+            out_s[s], out_i[s] = top_s, all_i.gather(1, j).masked_fill(torch.isinf(top_s), -1)
+        return out_s.to(queries.device), out_i.to(queries.device)
+
+    # ----------------------------------------------------------------- save / load
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.cfg.faiss_index != "ivf" or not self.trained:
+            return {}
+        S, d = len(self.trained), self.store.head_dim
+        cents = torch.zeros(S, self.nlist, d)
+        ok = torch.zeros(S, dtype=torch.bool)
+        for s, t in enumerate(self.trained):
+            if t is not None:
+                cents[s] = torch.from_numpy(t[2])
+                ok[s] = True
+        return {"ivf_centroids": cents, "ivf_trained": ok}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.clear_all()
+        if "ivf_trained" in tensors:
+            for s, ok in enumerate(tensors["ivf_trained"].tolist()):
+                if ok:
+                    cents = tensors["ivf_centroids"][s].float().numpy()
+                    self.trained[s] = self._ivf_template(np.ascontiguousarray(cents))
+        if self.store.keys is None:
+            return
+        C, blk, H = self.store.capacity, self.blk, self.store.n_heads
+        for b, n in enumerate(self.store.count.tolist()):
+            if n == 0:
+                continue
+            ptr = n % C
+            if n <= C:  # never wrapped: blocks in slot order up to the fill
+                self._add_range(b, 0, n)
+                continue
+            # wrapped: every block full of older rows except the one being refilled
+            j_now = ptr // blk
+            for j in range(self.n_blocks):
+                stop = ptr if (j == j_now and ptr % blk) else (j + 1) * blk
+                for s in range(b * H, (b + 1) * H):
+                    index = self._new_index(s)
+                    index.add(self._rows(s, j * blk, stop))
+                    self.indexes[s][j] = index
+
+
+def make_backend(cfg: KNNConfig, store: KNNStore) -> SearchBackend:
+    if cfg.backend == "exact":
+        return ExactSearch(cfg, store)
+    if cfg.backend == "faiss":
+        if cfg.faiss_index not in ("flat", "ivf", "hnsw"):
+            raise MemformersError(f"model.knn.faiss_index must be flat, ivf or hnsw; "
+                                  f"got '{cfg.faiss_index}'")
+        return FaissSearch(cfg, store)
+    raise MemformersError(f"model.knn.backend must be exact or faiss; got '{cfg.backend}'")

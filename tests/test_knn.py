@@ -1,0 +1,295 @@
+import pytest
+import torch
+
+from memformers.config import ModelConfig
+from memformers.memory.configs import KNNConfig
+from memformers.memory.knn import KNNMemoryAttention
+from memformers.memory.knn_store import KNNStore, exact_topk, knn_footprint_bytes
+from memformers.model import MemformerLM, lm_loss
+
+H, D = 2, 8
+
+
+def layer(**kw) -> KNNMemoryAttention:
+    torch.manual_seed(0)
+    cfg = KNNConfig(layers=[0], **{"capacity": 64, "top_k": 4, **kw})
+    m = KNNMemoryAttention(cfg, n_heads=H, head_dim=D, d_model=16)
+    with torch.no_grad():
+        m.gate.fill_(0.3)
+    return m
+
+
+def segment(B=2, L=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g) for _ in range(4)]  # q, k, v, local
+
+
+def run(m, q, k, v, local, commit=True, mask=None):
+    qs, ks, _ = m.transform_qk(q, k)
+    mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool) if mask is None else mask
+    return m(None, qs, ks, v, local, mask, commit)
+
+
+def brute_force(keys, filled, queries, k):
+    S, Q, _ = queries.shape
+    scores = torch.einsum("sqd,scd->sqc", queries, keys.float())
+    dead = torch.arange(keys.shape[1])[None, :] >= filled[:, None]
+    return scores.masked_fill(dead[:, None, :], float("-inf")).sort(-1, descending=True)
+
+
+# --------------------------------------------------------------------------- search
+
+
+@pytest.mark.parametrize("chunk,group", [(64, 4), (50, 4), (256, 16), (7, 1)])
+def test_exact_search_equals_brute_force(chunk, group):
+    torch.manual_seed(1)
+    keys = torch.randn(3, 200, D).half()
+    filled = torch.tensor([200, 37, 3])  # full, partial, fewer than k rows
+    q = torch.randn(3, 10, D)
+    s, i = exact_topk(keys, filled, q, 5, chunk=chunk, group=group, tile_elems=600)
+    ref_s, ref_i = brute_force(keys, filled, q, 5)
+    assert torch.allclose(s, ref_s[..., :5], atol=1e-5)  # same scores (ties may swap idx)
+    real = ~torch.isinf(s)
+    assert (real.sum(-1) == filled.clamp(max=5)[:, None]).all()
+    assert (i[~real] == -1).all() and (i[real] < filled[:, None, None].expand_as(i)[real]).all()
+    # the returned indices really carry the returned scores
+    got = torch.einsum("sqd,sqkd->sqk", q, keys.float()[torch.arange(3)[:, None, None],
+                                                        i.clamp(min=0)])
+    assert torch.allclose(got[real], s[real], atol=1e-5)
+    no_ties = ref_s[..., :5][real] != ref_s[..., 1:6][real]
+    assert (i[real][no_ties] == ref_i[..., :5][real][no_ties]).all()
+
+
+def _filled_store(backend, index="flat", n=512, seed=0):
+    cfg = KNNConfig(capacity=n, top_k=8, backend=backend, faiss_index=index, faiss_block=256,
+                    faiss_nlist=8, faiss_nprobe=4)
+    store = KNNStore(cfg, H, D)
+    store.allocate(1, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    k = torch.nn.functional.normalize(torch.randn(1, H, n, D, generator=g), dim=-1)
+    store.write(k, torch.randn(1, H, n, D, generator=g), torch.ones(1, n, dtype=torch.bool))
+    return store
+
+
+@pytest.mark.parametrize("index,bound", [("flat", 1.0), ("ivf", 0.8), ("hnsw", 0.9)])
+def test_faiss_recall_against_exact(index, bound):
+    pytest.importorskip("faiss")
+    exact, approx = _filled_store("exact"), _filled_store("faiss", index)
+    q = torch.nn.functional.normalize(torch.randn(H, 64, D, generator=torch.Generator()
+                                                   .manual_seed(5)), dim=-1)
+    es, ei = exact.search(q, 8)
+    fs, fi = approx.search(q, 8)
+    hits = sum(len(set(a.tolist()) & set(b.tolist()))
+               for a, b in zip(ei.flatten(0, 1), fi.flatten(0, 1)))
+    recall = hits / ei.numel()
+    assert recall >= bound, recall
+    # every result maps back to the ring: its score is q . stored key
+    keys, _ = approx.gather(fi)
+    assert torch.allclose(torch.einsum("sqd,sqkd->sqk", q, keys), fs, atol=1e-2)
+
+
+def test_faiss_fifo_drops_oldest_block_whole():
+    pytest.importorskip("faiss")
+    cfg = KNNConfig(capacity=8, top_k=8, backend="faiss", faiss_block=4)
+    store = KNNStore(cfg, 1, 2)
+    store.allocate(1, "cpu")
+    for i in range(10):  # rows 0..9; block [0..3] dropped when row 8 enters its slots
+        k = torch.tensor([[[[1.0, float(i)]]]])
+        store.write(k, k, torch.ones(1, 1, dtype=torch.bool))
+    s, slot = store.search(torch.tensor([[[1.0, 0.0]]]), 8)
+    keys, _ = store.gather(slot)
+    kept = sorted(int(x) for x in keys[0, 0, :, 1][slot[0, 0] >= 0].tolist())
+    assert kept == [4, 5, 6, 7, 8, 9]
+
+
+# --------------------------------------------------------------------------- store
+
+
+def test_fifo_drops_the_oldest():
+    store = KNNStore(KNNConfig(capacity=8, top_k=8), 1, 2)
+    store.allocate(2, "cpu")
+    for i in range(12):
+        k = torch.tensor([1.0, float(i)]).expand(2, 1, 1, 2)
+        store.write(k, k, torch.tensor([[True], [i % 2 == 0]]))
+    _, slot = store.search(torch.tensor([1.0, 0.0]).expand(2, 1, 2).contiguous(), 8)
+    keys, _ = store.gather(slot)
+    kept0 = sorted(keys[0, 0, :, 1][slot[0, 0] >= 0].tolist())
+    kept1 = sorted(keys[1, 0, :, 1][slot[1, 0] >= 0].tolist())
+    assert kept0 == [float(i) for i in range(4, 12)]  # first 4 gone
+    assert kept1 == [float(i) for i in range(0, 12, 2)]  # 6 items, nothing evicted
+
+
+def test_one_segment_longer_than_capacity_keeps_its_last_rows():
+    store = KNNStore(KNNConfig(capacity=4, top_k=4), 1, 1)
+    store.allocate(1, "cpu")
+    k = torch.arange(1.0, 11.0).view(1, 1, 10, 1)
+    store.write(k, k, torch.ones(1, 10, dtype=torch.bool))
+    assert sorted(store.values[0, 0, :, 0].tolist()) == [7.0, 8.0, 9.0, 10.0]
+
+
+def test_storage_dtype_halves_bytes_and_footprint_helper():
+    b16 = KNNStore(KNNConfig(capacity=32, storage_dtype="float16"), H, D)
+    b32 = KNNStore(KNNConfig(capacity=32, storage_dtype="float32"), H, D)
+    for s in (b16, b32):
+        s.allocate(2, "cpu")
+        s.write(*segment()[1:3], torch.ones(2, 8, dtype=torch.bool))
+    nbytes = [s.keys.nbytes + s.values.nbytes for s in (b16, b32)]
+    assert nbytes[1] == 2 * nbytes[0] == 2 * 2 * 32 * H * D * 2 * 2
+    assert b16.state_bytes_per_stream() == 32 * H * D * 2 * 2 + 8
+    big = KNNConfig(capacity=1 << 20)
+    assert knn_footprint_bytes(big, 8, 32, 2, 1) == 2 * ((1 << 20) * 8 * 32 * 2 * 2 + 8)
+
+
+# --------------------------------------------------------------------------- layer
+
+
+def test_empty_memory_gives_local_attention_exactly():
+    m = layer()
+    m.allocate(2, "cpu")
+    q, k, v, local = segment()
+    assert torch.equal(run(m, q, k, v, local), local)
+    assert m.store.count.tolist() == [8, 8]
+
+
+def test_capacity_zero_is_plain_local_attention():
+    m = layer(capacity=0)
+    m.allocate(2, "cpu")
+    for seed in range(3):
+        q, k, v, local = segment(seed=seed)
+        assert torch.equal(run(m, q, k, v, local), local)
+    assert m.state_bytes_per_stream() == 8
+
+
+def test_a_segment_never_retrieves_itself():
+    m = layer(top_k=8)
+    m.allocate(1, "cpu")
+    q, k, v, local = segment(B=1)
+    run(m, q, k, v, local)  # segment A
+    va = v.clone()
+    # segment B: same keys, different values; it must only see A's values
+    vb = torch.randn_like(v) + 100.0
+    qs, ks, _ = m.transform_qk(q, k)
+    _, slot = m.store.search(qs.reshape(H, 8, D), 8)
+    _, got = m.store.gather(slot)
+    assert slot.max() < 8 and torch.allclose(
+        got, va.reshape(H, 1, 8, D).expand(H, 8, 8, D).gather(
+            2, slot[..., None].expand(-1, -1, -1, D)).half().float())
+    out = m(None, qs, ks, vb, local, torch.ones(1, 8, dtype=torch.bool), True)
+    assert out.abs().max() < 50  # no value of B (all ~100) leaked into the memory read
+    # and with retrieval equal to the reference formula
+    g = torch.sigmoid(m.gate)[None, :, None, None]
+    w = torch.softmax(torch.einsum("hld,hlkd->hlk", qs.reshape(H, 8, D),
+                                   m.store.gather(slot)[0]), -1)
+    ref = g * torch.einsum("hlk,hlkd->hld", w, got).view(1, H, 8, D) + (1 - g) * local
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_reset_clears_exactly_the_flagged_streams():
+    m = layer()
+    m.allocate(3, "cpu")
+    q, k, v, local = segment(B=3)
+    run(m, q, k, v, local)
+    m.reset(torch.tensor([True, False, True]))
+    q2, k2, v2, local2 = segment(B=3, seed=1)
+    out = run(m, q2, k2, v2, local2, commit=False)
+    assert torch.equal(out[0], local2[0]) and torch.equal(out[2], local2[2])
+    assert not torch.allclose(out[1], local2[1])
+    assert m.store.count.tolist() == [0, 8, 0]
+
+
+def test_padding_is_not_written():
+    m = layer()
+    m.allocate(2, "cpu")
+    q, k, v, local = segment()
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    run(m, q, k, v, local, mask=mask)
+    assert m.store.count.tolist() == [8, 5]
+
+
+def test_commit_false_does_not_write():
+    m = layer()
+    m.allocate(2, "cpu")
+    run(m, *segment(), commit=False)
+    assert m.store.is_empty()
+
+
+def test_no_gradient_through_memory():
+    m = layer()
+    m.allocate(2, "cpu")
+    q1, k1, v1, _ = [t.requires_grad_() for t in segment()]
+    run(m, q1, k1, v1, q1 * k1 + v1).sum().backward()  # a local path that needs all three
+    grads1 = [t.grad.clone() for t in (q1, k1, v1)]
+    assert not m.store.keys.requires_grad and not m.store.values.requires_grad
+    q2, k2, v2, local2 = [t.requires_grad_() for t in segment(seed=1)]
+    loss2 = run(m, q2, k2, v2, local2).pow(2).sum()
+    loss2.backward()
+    for t, g in zip((q1, k1, v1), grads1):  # segment-2 loss left segment-1 grads alone
+        assert torch.equal(t.grad, g)
+    assert q2.grad.abs().sum() > 0  # through the scores
+    assert m.gate.grad is not None and m.gate.grad.abs().sum() > 0
+    assert m.log_scale.grad.abs().sum() > 0
+
+
+def test_save_load_round_trip_into_fresh_module():
+    m = layer(capacity=16)
+    m.allocate(2, "cpu")
+    for seed in range(3):  # 24 rows > 16: the ring has wrapped
+        run(m, *segment(seed=seed))
+    state = {k: v.clone() for k, v in m.state_tensors().items()}
+    fresh = layer(capacity=16)
+    fresh.load_state_dict(m.state_dict())
+    fresh.allocate(2, "cpu")
+    fresh.load_state_tensors(state)
+    for seed in (7, 8):
+        a, b = run(m, *segment(seed=seed)), run(fresh, *segment(seed=seed))
+        assert torch.equal(a, b)
+    assert all(t.is_contiguous() for t in fresh.state_tensors().values())
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_faiss_save_load_round_trip(index):
+    pytest.importorskip("faiss")
+    kw = dict(capacity=32, backend="faiss", faiss_index=index, faiss_block=16, faiss_nlist=2)
+    m = layer(**kw)
+    m.allocate(2, "cpu")
+    for seed in range(5):  # 40 rows: wrapped into block 0
+        run(m, *segment(seed=seed))
+    fresh = layer(**kw)
+    fresh.allocate(2, "cpu")
+    fresh.load_state_tensors({k: v.clone() for k, v in m.state_tensors().items()})
+    for seed in (7, 8):
+        assert torch.equal(run(m, *segment(seed=seed)), run(fresh, *segment(seed=seed)))
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_end_to_end_memformer_lm_gate_gets_gradient():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, head_dim=8, d_ff=64, vocab_size=50,
+                      knn=KNNConfig(layers=[1], capacity=64), xl_cache=True)
+    model = MemformerLM(cfg)
+    model.allocate_state(2)
+    tokens = torch.randint(0, 50, (2, 5 * 16 + 1))
+    knn = model.blocks[1].attn.memory
+    for s in range(5):  # 80 tokens > capacity 64: the ring wraps
+        x, y = tokens[:, s * 16:(s + 1) * 16], tokens[:, s * 16 + 1:(s + 1) * 16 + 1]
+        model.zero_grad()
+        lm_loss(model(x), y).backward()
+        model.detach_state()
+    assert knn.store.count.tolist() == [80, 80]
+    assert knn.gate.grad is not None and knn.gate.grad.abs().sum() > 0
+    assert knn.gate_values().shape == (4,)
+    # memory size 0 reduces to the model with no memory read (same weights)
+    cfg0 = ModelConfig(n_layers=2, d_model=32, n_heads=4, head_dim=8, d_ff=64, vocab_size=50,
+                       knn=KNNConfig(layers=[1], capacity=0), xl_cache=True)
+    m0 = MemformerLM(cfg0)
+    m0.load_state_dict(model.state_dict())
+    model.allocate_state(2)
+    m0.allocate_state(2)
+    with torch.no_grad():
+        first = [model(tokens[:, :16]), m0(tokens[:, :16])]  # memory empty: equal
+        second = [model(tokens[:, 16:32]), m0(tokens[:, 16:32])]
+    assert torch.equal(first[0], first[1])
+    assert not torch.allclose(second[0], second[1])  # the memory read changes segment 2
