@@ -7,15 +7,20 @@ variant, the evaluation to run, and the variants::
     name = "cpu-small"
     base_config = "configs/xl.toml"        # optional; relative to this file or the repo root
     set = ["train.steps=200"]              # applied to every variant
+    [base.model]                           # optional: a run config inline, over base_config
+    n_layers = 4
     [eval]
     passkey_lengths = [1024]
     [[variant]]
     name = "xl"
     set = ["model.xl_cache=true"]
 
-Overrides are applied in this order: base config, ``compare.set``, the variant's
-``set`` (and ``init_from``), then the command line's ``--set``. Every variant
-therefore sees the same data, tokens, seed and schedule unless it says otherwise.
+Overrides are applied in this order: base config file, ``[base]``, ``compare.set``,
+the variant's ``set`` (and ``init_from``), then the command line's ``--set``. Every
+variant therefore sees the same data, tokens, seed and schedule unless it says
+otherwise (the report notes any data/train setting that differs). ``data.corpus =
+"default"`` (or ``"default-bpe"``) means the stdlib corpus that ``memformers data
+build`` writes when given no ``--out``.
 
 Each variant lives in ``<out>/runs/<name>-<config hash>/``. A finished run there
 (``model.safetensors`` and a ``results.json`` with the same config hash) is not
@@ -88,7 +93,7 @@ class CompareConfig:
 
 COMPARE_KEYS = ("name", "base_config", "set", "description")
 VARIANT_KEYS = ("name", "set", "init_from", "description")
-TOP_KEYS = ("compare", "eval", "variant")
+TOP_KEYS = ("compare", "base", "eval", "variant")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 DEFAULT_CORPORA = {"default": "byte", "default-bpe": "bpe"}  # data.corpus shorthands
 
@@ -178,6 +183,15 @@ def resolve_path(text: str, config_file: Path | None) -> Path:
     return candidates[0]
 
 
+def _merge(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, recursively for tables."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else copy.deepcopy(v)
+    return out
+
+
 def compare_config_from_dict(raw: dict, path: Path | None = None,
                              cli_set: list[str] | None = None,
                              only: list[str] | None = None) -> CompareConfig:
@@ -208,6 +222,11 @@ def compare_config_from_dict(raw: dict, path: Path | None = None,
             base_raw = tomllib.loads(base.read_text())
         except tomllib.TOMLDecodeError as e:
             raise MemformersError(f"base config {base} is not valid TOML: {e}") from None
+    inline = raw.get("base", {})
+    if not isinstance(inline, dict):
+        raise MemformersError("[base] must be a table laid out like a run config "
+                              "([base.model], [base.data], [base.train])")
+    base_raw = _merge(base_raw, inline)
     shared = _str_list(comp.get("set", []), "compare.set")
     spec = _eval_spec(raw.get("eval", {}))
 
