@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from memformers.compare.report import (
     write_report,
 )
 from memformers.errors import MemformersError
+from memformers.memory.base import AttentionMemory
 from tests.conftest import TINY_MODEL
 
 VARIANTS = '''
@@ -272,7 +275,8 @@ def test_base_table_and_overrides_order(tmp_path):
     (tmp_path / "base.toml").write_text("[model]\nn_layers = 3\nd_model = 64\n")
     raw = _raw(compare={"name": "x", "base_config": "base.toml", "set": ["model.d_model=96"]},
                base={"model": {"n_layers": 5}},
-               variant=[{"name": "a", "set": ["model.d_model=128"]}, {"name": "b"}])
+               variant=[{"name": "a", "set": ["model.d_model=128"]},
+                        {"name": "b", "init_from": "base.toml"}])
     cfg_path = tmp_path / "c.toml"
     cc = compare_config_from_dict(raw, cfg_path, cli_set=["train.steps=7"])
     from memformers.compare.harness import variant_config
@@ -280,6 +284,7 @@ def test_base_table_and_overrides_order(tmp_path):
     a, b = (variant_config(cc, v) for v in cc.variants)
     assert (a.model.n_layers, a.model.d_model, a.train.steps) == (5, 128, 7)
     assert (b.model.n_layers, b.model.d_model, b.train.steps) == (5, 96, 7)
+    assert (a.train.init_from, b.train.init_from) == ("", str(tmp_path / "base.toml"))
 
 
 def _fake_variant(name: str, losses: list[float] | None, **extra) -> dict:
@@ -315,18 +320,95 @@ def test_report_survives_missing_optional_parts(tmp_path):
     assert "only" in print_table(results)
 
 
-def test_knn_memory_sweep(tiny_corpus, tmp_path):
-    pytest.importorskip("memformers.memory.knn")
-    variants = ('[[variant]]\nname = "xl+knn"\n'
+class BruteForceMemory(AttentionMemory):
+    """Stand-in kNN memory for the sweep plumbing: full softmax attention over the last
+    ``capacity`` committed keys of the stream (i.e. exact kNN with k = capacity)."""
+
+    def __init__(self, cfg, *, n_heads: int, head_dim: int, d_model: int):
+        super().__init__()
+        self.cfg, self.h, self.d = cfg, n_heads, head_dim
+        self.gate = torch.nn.Parameter(torch.zeros(n_heads))
+        self.k = self.v = self.valid = None
+
+    def allocate(self, batch_size, device):
+        self.k = torch.zeros(batch_size, self.h, 0, self.d, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+
+    def reset(self, streams):
+        self.valid = self.valid & ~streams[:, None]
+
+    def state_tensors(self):
+        return {} if self.k is None else {"k": self.k, "v": self.v, "valid": self.valid}
+
+    def load_state_tensors(self, t):
+        self.k, self.v, self.valid = t["k"], t["v"], t["valid"]
+
+    def state_bytes_per_stream(self):
+        return self.cfg.capacity * self.h * self.d * 2 * 4
+
+    def gate_values(self):
+        return torch.sigmoid(self.gate.detach())
+
+    def forward(self, x, q, k, v, local_out, mask, commit):
+        scores = q @ self.k.transpose(-1, -2) / self.d**0.5  # (B, H, L, N)
+        scores = scores.masked_fill(~self.valid[:, None, None, :], float("-inf"))
+        mem = torch.nan_to_num(torch.softmax(scores, -1)) @ self.v  # (B, H, L, d)
+        g = torch.sigmoid(self.gate)[None, :, None, None]
+        if commit:
+            keep = self.cfg.capacity
+            self.k = torch.cat([self.k, k.detach()], 2)[:, :, self.k.shape[2] + k.shape[2] - keep:]
+            self.v = torch.cat([self.v, v.detach()], 2)[:, :, self.v.shape[2] + v.shape[2] - keep:]
+            self.valid = torch.cat([self.valid, mask], 1)[:, self.valid.shape[1] + mask.shape[1]
+                                                          - keep:]
+        return g * mem + (1 - g) * local_out
+
+
+def _knn_compare(tiny_corpus, tmp_path) -> dict:
+    variants = ('[[variant]]\nname = "xl"\nset = ["model.xl_cache=true"]\n'
+                '[[variant]]\nname = "xl+knn"\n'
                 'set = ["model.xl_cache=true", "model.knn.layers=[1]", "model.knn.capacity=64"]\n')
-    text = _toml(tiny_corpus, variants).replace("sorting_lengths = [12]", "memory_sweep = [0, 256]")
+    text = _toml(tiny_corpus, variants).replace("sorting_lengths = [12]",
+                                                "memory_sweep = [0, 64, 256]")
     cfg_file = tmp_path / "knn.toml"
     cfg_file.write_text(text.replace("passkey_lengths = [320]", "passkey_lengths = []"))
     results = run_compare(load_compare_config(cfg_file), tmp_path / "out", progress=False,
                           log=lambda s: None)
     write_report(results, tmp_path / "out")
-    sweep = results["variants"][0]["memory_sweep"]
-    assert [p["capacity"] for p in sweep] == [0, 256]
+    return results
+
+
+def _check_sweep(results: dict, out: Path) -> None:
+    xl, knn = results["variants"]
+    assert xl["memory_sweep"] is None  # only kNN variants are swept
+    sweep = knn["memory_sweep"]
+    assert [p["capacity"] for p in sweep] == [0, 64, 256]
     assert all("error" not in p and math.isfinite(p["loss"]) for p in sweep)
-    assert (tmp_path / "out" / "memory_sweep.png").is_file()
-    assert "## Memory-size sweep" in (tmp_path / "out" / "report.md").read_text()
+    trained = sweep[1]  # the capacity it was trained with reproduces its own evaluation
+    assert trained["loss"] == pytest.approx(knn["eval"]["loss"], rel=1e-6)
+    assert (out / "memory_sweep.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## Memory-size sweep" in report and "| xl+knn | 256 |" in report
+    saved = json.loads((out / "results.json").read_text())
+    assert (saved["loss_diff"]["a"], saved["loss_diff"]["b"]) == ("xl+knn@0", "xl+knn@256")
+    a = np.array(sweep[0]["doc_losses"]["losses"])
+    b = np.array(sweep[2]["doc_losses"]["losses"])
+    assert np.allclose(saved["loss_diff"]["diff"], a - b, atol=2e-4)
+
+
+def test_memory_sweep_with_a_brute_force_knn_stand_in(tiny_corpus, tmp_path, monkeypatch):
+    fake = types.ModuleType("memformers.memory.knn")
+    fake.KNNMemoryAttention = BruteForceMemory
+    fake.knn_footprint_bytes = lambda *a, **k: 0
+    monkeypatch.setitem(sys.modules, "memformers.memory.knn", fake)
+    results = _knn_compare(tiny_corpus, tmp_path)
+    _check_sweep(results, tmp_path / "out")
+    sweep = results["variants"][1]["memory_sweep"]
+    assert len({round(p["loss"], 6) for p in sweep}) == 3  # capacity changes the predictions
+    assert results["variants"][1]["static"]["state_bytes_per_stream"] > \
+        results["variants"][0]["static"]["state_bytes_per_stream"]
+
+
+def test_knn_memory_sweep(tiny_corpus, tmp_path):
+    pytest.importorskip("memformers.memory.knn")
+    _check_sweep(_knn_compare(tiny_corpus, tmp_path), tmp_path / "out")

@@ -506,8 +506,7 @@ def plan_runs(cc: CompareConfig, out_dir: Path) -> list[VariantRun]:
         try:
             open_corpus_manifest(corpus)
         except MemformersError as e:
-            raise MemformersError(f"variant '{v.name}': {e} (build the default corpus with "
-                                  "`memformers data build`)") from None
+            raise MemformersError(f"variant '{v.name}': {e}") from None
         cfg.model.vocab_size = load_tokenizer(corpus).vocab_size  # as the trainer does
         h = config_hash(cfg)
         runs.append(VariantRun(v, cfg, out_dir / "runs" / f"{v.name}-{h}", h))

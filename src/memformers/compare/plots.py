@@ -51,31 +51,40 @@ def plot_loss_by_position(results: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _capacity_label(n: int) -> str:
+    if n >= 1024 and n % 512 == 0:
+        return f"{n / 1024:g}K"
+    return str(n)
+
+
 def plot_memory_sweep(results: dict, path: Path) -> Path | None:
-    """Loss vs kNN capacity (same weights), one line per (variant, position bucket)."""
+    """Loss vs kNN capacity (same weights), one line per (variant, position bucket).
+
+    Capacities are placed evenly (they are usually geometric: 0, 1.5K, 8K, 65K).
+    """
     from memformers.compare.report import bucket_order
 
     buckets = ["all", *bucket_order(results)]
+    swept = [(v["name"], sorted((p for p in v.get("memory_sweep") or [] if "error" not in p),
+                                key=lambda p: p["capacity"]))
+             for v in results.get("variants", [])]
+    swept = [(name, points) for name, points in swept if points]
+    caps = sorted({p["capacity"] for _, points in swept for p in points})
     series = []
-    for v in results.get("variants", []):
-        points = sorted((p for p in v.get("memory_sweep") or [] if "error" not in p),
-                        key=lambda p: p["capacity"])
-        if len(points) < 1:
-            continue
-        caps = [p["capacity"] for p in points]
+    for name, points in swept:
+        xs = [caps.index(p["capacity"]) for p in points]
         for b in buckets:
             ys = [p["loss"] if b == "all" else (p.get("by_position") or {}).get(b, {}).get(
                 "loss", np.nan) for p in points]
             if not all(np.isnan(ys)):
-                series.append((f"{v['name']} {b}", caps, ys, b == "all"))
+                series.append((f"{name} {b}", xs, ys, b == "all"))
     if not series:
         return None
     fig = _figure()
     ax = fig.add_subplot()
-    for label, caps, ys, overall in series:
-        ax.plot(caps, ys, marker="o", label=label, linewidth=2.5 if overall else 1.2)
-    positive = [c for _, caps, _, _ in series for c in caps if c > 0]
-    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)  # capacity 0 fits
+    for label, xs, ys, overall in series:
+        ax.plot(xs, ys, marker="o", label=label, linewidth=2.5 if overall else 1.2)
+    ax.set_xticks(range(len(caps)), [_capacity_label(c) for c in caps])
     ax.set_xlabel("kNN memory capacity (entries per stream and head)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("Memory-size sweep")

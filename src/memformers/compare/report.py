@@ -236,7 +236,8 @@ def _sweep_section(results: dict, plots: dict) -> str:
         return ""
     headers = ["variant", "kNN capacity", "loss", "bits/byte"] + [f"loss {b}" for b in buckets]
     return ("## Memory-size sweep\n\nThe same trained weights evaluated with "
-            "`model.knn.capacity` overridden.\n\n" + markdown_table(headers, rows, left=2) + "\n"
+            "`model.knn.capacity` overridden.\n\n"
+            + markdown_table(headers, rows, left="l" + "r" * (len(headers) - 1)) + "\n"
             + (f"\n![memory sweep]({plots['memory_sweep']})\n" if "memory_sweep" in plots else ""))
 
 
@@ -310,6 +311,9 @@ def _runs_section(results: dict) -> str:
 def render_markdown(results: dict, diff: dict | None, plots: dict) -> str:
     headers, rows = table_rows(results)
     text = [f"# Comparison: {results.get('name', '')}\n"]
+    description = _get(results, "compare_config", "compare", "description")
+    if description:
+        text.append(f"{description}\n")
     if results.get("config_file"):
         text.append(f"Config: `{results['config_file']}`"
                     + (f", with --set {' '.join(results['cli_set'])}"
