@@ -271,6 +271,16 @@ def test_config_validation_errors_are_one_line(raw, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_too_short_passkey_fails_before_training(tiny_corpus, tmp_path):
+    cfg_file = tmp_path / "short.toml"
+    cfg_file.write_text(_toml(tiny_corpus).replace("passkey_lengths = [320]",
+                                                   "passkey_lengths = [64]"))
+    with pytest.raises(MemformersError, match="eval.passkey_lengths: passkey length 64 is "
+                                              "too short"):
+        run_compare(load_compare_config(cfg_file), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_base_table_and_overrides_order(tmp_path):
     (tmp_path / "base.toml").write_text("[model]\nn_layers = 3\nd_model = 64\n")
     raw = _raw(compare={"name": "x", "base_config": "base.toml", "set": ["model.d_model=96"]},

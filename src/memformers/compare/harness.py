@@ -446,11 +446,11 @@ def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, de
         for s, x, y, m in segments(inputs, labels):
             with autocast:
                 logits = model(x, new_doc=torch.full((B,), s == 0, device=device), mask=m)
-            pending.append(lm_loss(logits, y, reduction="sum") + aux_losses(model))
+            if bool((y != -100).any()):  # segments of the sequence itself are not scored
+                pending.append(lm_loss(logits, y, reduction="sum") + aux_losses(model))
             if (s + 1) % window == 0 or s == n_seg - 1:
-                total = sum(pending)
-                if total.requires_grad:
-                    (total / n_scored).backward()
+                if pending:
+                    (sum(pending) / n_scored).backward()
                 model.detach_state()
                 pending = []
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -659,6 +659,17 @@ def run_compare(cc: CompareConfig, out_dir: str | Path, *, only: list[str] | Non
     """
     out_dir = Path(out_dir)
     runs = plan_runs(cc, out_dir)
+    if cc.eval.passkey_lengths:  # fail before any training, not after
+        from memformers.data.tokenizer import load_tokenizer
+        from memformers.tasks.passkey import build_passkey_prompt
+
+        for cfg in {r.cfg.data.corpus: r.cfg for r in runs}.values():
+            tok = load_tokenizer(Path(cfg.data.corpus))
+            for n in cc.eval.passkey_lengths:
+                try:
+                    build_passkey_prompt(tok, n, 0.5, "12345")
+                except MemformersError as e:
+                    raise MemformersError(f"eval.passkey_lengths: {e}") from None
     variants = []
     for run in runs:
         if only and run.spec.name not in only:
