@@ -220,6 +220,28 @@ def test_interrupted_run_resumes_from_its_checkpoint(compared):
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+def test_a_failing_part_keeps_training_and_earlier_parts(tiny_corpus, tmp_path, monkeypatch):
+    import memformers.evaluate.passkey as passkey
+
+    cfg_file = tmp_path / "one.toml"
+    cfg_file.write_text(_toml(tiny_corpus, '[[variant]]\nname = "baseline"\n'))
+    real = passkey.evaluate_passkey
+
+    def broken(*a, **k):
+        raise RuntimeError("passkey crashed")
+
+    monkeypatch.setattr(passkey, "evaluate_passkey", broken)
+    with pytest.raises(RuntimeError, match="passkey crashed"):
+        run_compare(load_compare_config(cfg_file), tmp_path / "out", progress=False,
+                    log=lambda s: None)
+    monkeypatch.setattr(passkey, "evaluate_passkey", real)
+    res = run_compare(load_compare_config(cfg_file), tmp_path / "out", progress=False,
+                      log=lambda s: None)
+    v = res["variants"][0]
+    assert not v["trained"] and v["recomputed"] == ["passkey", "sorting"]
+    assert v["passkey"]["lengths"] == [320]
+
+
 def test_cli_handler_prints_table_and_writes_report(compared, capsys, tmp_path):
     cfg_file, out, _ = compared
     parser = argparse.ArgumentParser()

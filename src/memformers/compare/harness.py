@@ -514,9 +514,10 @@ def plan_runs(cc: CompareConfig, out_dir: Path) -> list[VariantRun]:
 
 
 def load_cached_result(run: VariantRun) -> dict | None:
-    """A finished variant's results.json, if it belongs to this config hash."""
+    """A finished variant's complete results.json, if it belongs to this config hash."""
     res = _read_json(run.run_dir / "results.json")
-    if res and res.get("config_hash") == run.hash and (run.run_dir / "model.safetensors").is_file():
+    if (res and res.get("config_hash") == run.hash and "cached" in res  # written last
+            and (run.run_dir / "model.safetensors").is_file()):
         return res
     return None
 
@@ -563,6 +564,7 @@ def run_variant(run: VariantRun, spec: EvalSpec, *, progress: bool = True,
         result["trained"] = True
         old = {}  # a new model: every evaluation is stale
         model = trainer.model
+        del trainer  # frees the optimiser state before evaluation
     if not result["trained"]:
         train = _read_json(run_dir / "train.json") or _last_train_metrics(run_dir)
     result["train"] = train
@@ -585,7 +587,9 @@ def run_variant(run: VariantRun, spec: EvalSpec, *, progress: bool = True,
             return old[name]
         log(f"[{run.spec.name}] evaluating {name}")
         result["recomputed"].append(name)
-        return compute()
+        result[name] = compute()
+        _write_json(run_dir / "results.json", result)  # a later failure keeps this part
+        return result[name]
 
     split_name = spec.split or cfg.data.eval_split
     split = CorpusSplit.open(Path(cfg.data.corpus), split_name)
