@@ -1,0 +1,143 @@
+"""PNG plots of a comparison (matplotlib ``Figure`` on the Agg canvas, no pyplot).
+
+Each function takes the report-level results (or one of its parts), writes one PNG
+and returns its path, or returns ``None`` when the data it needs is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure(w: float = 6.4, h: float = 4.0):
+    from matplotlib.figure import Figure  # Agg canvas, no global backend
+
+    return Figure(figsize=(w, h))
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_loss_by_position(results: dict, path: Path) -> Path | None:
+    """Held-out loss per position-in-document bucket, one line per variant."""
+    from memformers.compare.report import bucket_order
+
+    buckets = bucket_order(results)
+    lines = []
+    for v in results.get("variants", []):
+        bp = (v.get("eval") or {}).get("by_position") or {}
+        ys = [bp[b]["loss"] if b in bp else np.nan for b in buckets]
+        if not all(np.isnan(ys)):
+            lines.append((v["name"], ys))
+    if not buckets or not lines:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, ys in lines:
+        ax.plot(range(len(buckets)), ys, marker="o", label=name)
+    ax.set_xticks(range(len(buckets)), buckets)
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Loss by position in document")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _capacity_label(n: int) -> str:
+    if n >= 1024 and n % 512 == 0:
+        return f"{n / 1024:g}K"
+    return str(n)
+
+
+def plot_memory_sweep(results: dict, path: Path) -> Path | None:
+    """Loss vs kNN capacity (same weights), one line per (variant, position bucket).
+
+    Capacities are placed evenly (they are usually geometric: 0, 1.5K, 8K, 65K).
+    """
+    from memformers.compare.report import bucket_order
+
+    buckets = ["all", *bucket_order(results)]
+    swept = [(v["name"], sorted((p for p in v.get("memory_sweep") or [] if "error" not in p),
+                                key=lambda p: p["capacity"]))
+             for v in results.get("variants", [])]
+    swept = [(name, points) for name, points in swept if points]
+    caps = sorted({p["capacity"] for _, points in swept for p in points})
+    series = []
+    for name, points in swept:
+        xs = [caps.index(p["capacity"]) for p in points]
+        for b in buckets:
+            ys = [p["loss"] if b == "all" else (p.get("by_position") or {}).get(b, {}).get(
+                "loss", np.nan) for p in points]
+            if not all(np.isnan(ys)):
+                series.append((f"{name} {b}", xs, ys, b == "all"))
+    if not series:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, xs, ys, overall in series:
+        ax.plot(xs, ys, marker="o", label=label, linewidth=2.5 if overall else 1.2)
+    ax.set_xticks(range(len(caps)), [_capacity_label(c) for c in caps])
+    ax.set_xlabel("kNN memory capacity (entries per stream and head)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Memory-size sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_passkey(variant: dict, path: Path) -> Path:
+    from memformers.evaluate.passkey import plot_passkey_heatmap
+
+    return plot_passkey_heatmap(variant["passkey"], path, title=f"Passkey: {variant['name']}")
+
+
+def plot_loss_difference(diff: dict | None, path: Path) -> Path | None:
+    """Per-token loss A - B along one document (raw and a moving average)."""
+    if not diff or not diff.get("diff"):
+        return None
+    d = np.asarray(diff["diff"], dtype=float)
+    pos = np.arange(1, len(d) + 1)
+    win = max(1, min(256, len(d) // 20))
+    smooth = np.convolve(d, np.ones(win) / win, mode="valid")
+    fig = _figure(8.0, 3.6)
+    ax = fig.add_subplot()
+    ax.plot(pos, d, linewidth=0.4, alpha=0.35, color="tab:gray", label="per token")
+    ax.plot(pos[win - 1:], smooth, color="tab:blue", label=f"mean of {win}")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel(f"loss {diff['a']} - loss {diff['b']}")
+    ax.set_title(f"Per-token loss difference (> 0: {diff['b']} better)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_gates(results: dict, path: Path) -> Path | None:
+    """sigmoid(gate) per head, one group of bars per (variant, memory layer)."""
+    groups = [(f"{v['name']} {layer}", vals) for v in results.get("variants", [])
+              for layer, vals in ((v.get("static") or {}).get("gates") or {}).items()]
+    if not groups:
+        return None
+    n_heads = max(len(vals) for _, vals in groups)
+    width = 0.8 / n_heads
+    fig = _figure(max(5.0, 1.2 * len(groups) + 2), 3.8)
+    ax = fig.add_subplot()
+    for h in range(n_heads):
+        xs = [i + (h - (n_heads - 1) / 2) * width for i, (_, vals) in enumerate(groups)
+              if h < len(vals)]
+        ys = [vals[h] for _, vals in groups if h < len(vals)]
+        ax.bar(xs, ys, width=width, label=f"head {h}")
+    ax.set_xticks(range(len(groups)), [g for g, _ in groups], rotation=15, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("memory gate sigmoid(b)")
+    ax.set_title("Learned memory gates per head")
+    if n_heads <= 16:
+        ax.legend(fontsize=6, ncol=min(n_heads, 8))
+    return _save(fig, path)
