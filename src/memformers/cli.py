@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     g.set_defaults(func=cmd_generate)
 
+    from memformers.compare.cli import add_compare_subparser
     from memformers.data.cli import add_data_subparser
 
     add_data_subparser(sub)
+    add_compare_subparser(sub)
     return p
 
 
