@@ -36,6 +36,7 @@ class ModelConfig:
     position: str = "t5"  # "t5" (relative bias, Memorizing Transformers) | "rope" | "none"
     rel_buckets: int = 32
     rel_max_distance: int = 128
+    rel_bias_lr_scale: float = 10.0  # the shared T5 bias table learns at this x train.lr
     rope_base: float = 10000.0
     dropout: float = 0.0
     xl_cache: bool = False  # attend to the previous segment's keys/values

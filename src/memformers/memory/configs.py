@@ -19,6 +19,7 @@ class KNNConfig:
     backend: str = "exact"  # "exact" | "faiss"
     storage_dtype: str = "float16"  # "float16" | "bfloat16" | "float32"
     gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
+    gate_lr: float = 1e-2  # gates and temperatures: own parameter group, no weight decay
     scale_init: float = 8.0  # learned per-head temperature for normalised q.k
     search_chunk: int = 16384  # memory rows scored at a time by the exact backend
     faiss_block: int = 16384  # FIFO block size of the faiss backend (one index per block)

@@ -76,6 +76,12 @@ class KNNMemoryAttention(AttentionMemory):
         use = found.view(B, H, L, 1)  # empty memory -> pure local attention
         return torch.where(use, mixed, local_out)
 
+    def param_groups(self, train_cfg) -> list[dict]:
+        """Gates and temperatures: scalars per head, their own higher lr, no decay
+        (a gate under the global lr barely moves; see REFERENCE.md section 3)."""
+        return [{"params": [self.gate, self.log_scale], "lr": self.cfg.gate_lr,
+                 "weight_decay": 0.0, "name": "knn_gate"}]
+
     def gate_values(self) -> torch.Tensor:
         return torch.sigmoid(self.gate.detach())
 

@@ -42,7 +42,8 @@ class MemformerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rel_bias = (RelativePositionBias(cfg.n_heads, cfg.rel_buckets, cfg.rel_max_distance)
+        self.rel_bias = (RelativePositionBias(cfg.n_heads, cfg.rel_buckets, cfg.rel_max_distance,
+                                              cfg.rel_bias_lr_scale)
                          if cfg.position == "t5" else None)
         rotary = Rotary(cfg.head_dim, cfg.rope_base) if cfg.position == "rope" else None
         shared: dict = {}  # modules shared across layers (e.g. one PKM value table)

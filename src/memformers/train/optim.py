@@ -1,7 +1,7 @@
 """Optimiser parameter groups and the learning-rate schedule.
 
-Default AdamW groups: weight matrices decay; norms, biases, embeddings of
-relative positions, and every scalar/vector parameter (gates, scales) don't.
+Default AdamW groups: weight matrices decay; norms, biases and every
+scalar/vector parameter (gates, scales) don't.
 A module may claim its own parameters by defining ``param_groups(train_cfg)``
 returning dicts like ``{"params": [...], "lr": 1e-2, "weight_decay": 0.0,
 "constant_lr": True, "optimizer": "adam" | "sparse_adam", "name": "..."}``;
@@ -32,12 +32,10 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
                     custom.append({**g, "params": params})
 
     decay, no_decay = [], []
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in claimed or id(p) in seen:
+    for p in model.parameters():  # shared (tied) parameters come once
+        if not p.requires_grad or id(p) in claimed:
             continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and "rel_bias" not in name else no_decay).append(p)
+        (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
