@@ -293,3 +293,16 @@ def test_end_to_end_memformer_lm_gate_gets_gradient():
         second = [model(tokens[:, 16:32]), m0(tokens[:, 16:32])]
     assert torch.equal(first[0], first[1])
     assert not torch.allclose(second[0], second[1])  # the memory read changes segment 2
+
+
+def test_exact_search_with_a_tile_of_empty_memories():
+    """Memories searched in tiles: a tile whose memories are all empty finds nothing."""
+    torch.manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(6, 64, 8), dim=-1)
+    filled = torch.tensor([64, 10, 0, 0, 0, 5])
+    q = torch.nn.functional.normalize(torch.randn(6, 4, 8), dim=-1)
+    s, i = exact_topk(keys, filled, q, 3, chunk=16, tile_elems=4 * 16 * 2)  # 2 memories a tile
+    assert bool((i[2:5] == -1).all()) and bool(torch.isinf(s[2:5]).all())
+    for m in (0, 1, 5):
+        ref = (q[m] @ keys[m, :filled[m]].T).topk(3, dim=-1).values
+        assert torch.allclose(s[m], ref, atol=1e-6)

@@ -274,6 +274,8 @@ def exact_topk(
         q = queries[s0:s1]  # (s, Q, d)
         lim = filled[s0:s1]
         s_rows = int(lim.max())
+        if s_rows == 0:  # every memory of this tile is empty: nothing to find
+            continue
         cand_s, cand_i = [], []
         for c0 in range(0, s_rows, chunk):
             c1 = min(s_rows, c0 + chunk)
