@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,9 +222,8 @@ def test_verify_detects_corruption(tmp_path):
         CorpusSplit.open(tmp_path / "c", "train", verify=True)
 
 
-def test_default_corpus_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEMFORMERS_HOME", str(tmp_path))
-    assert default_corpus_dir("bpe") == tmp_path / "corpora" / "stdlib-bpe"
+def test_default_corpus_dir():
+    assert default_corpus_dir("bpe") == Path("data") / "stdlib-bpe"
 
 
 def test_cli(tmp_path, capsys):
@@ -247,7 +247,7 @@ def test_cli(tmp_path, capsys):
 def test_ensure_default_corpus_builds_once(monkeypatch, tmp_path):
     from memformers.data import corpus
 
-    monkeypatch.setenv("MEMFORMERS_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     calls = []
 
     def fake_build(out, source, **kw):
@@ -257,6 +257,6 @@ def test_ensure_default_corpus_builds_once(monkeypatch, tmp_path):
 
     monkeypatch.setattr(corpus, "build_corpus", fake_build)
     out = corpus.ensure_default_corpus("byte", progress=False)
-    assert out == tmp_path / "corpora" / "stdlib-byte"
+    assert out == Path("data") / "stdlib-byte"
     assert corpus.ensure_default_corpus("byte", progress=False) == out
     assert calls == [(out, "stdlib", "byte")]

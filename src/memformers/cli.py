@@ -4,6 +4,8 @@
     memformers train --config FILE [--set key=value ...] [--run-dir DIR] [--resume]
     memformers eval RUN_DIR [--split valid|test] [--max-docs N]
     memformers generate RUN_DIR --prompt TEXT [--tokens N]
+    memformers compare CONFIG            (train + evaluate variants on equal terms)
+    memformers demo [--quick]            (the main job: see README)
 
 Every user error is one line on stderr and exit status 2.
 """
@@ -108,6 +110,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from memformers.demo import run_demo
+
+    return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memformers", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the demo: memory vs no memory from the shipped base model")
+    d.add_argument("--quick", action="store_true", help="a 3-minute version")
+    d.add_argument("--out", help="report directory (default reports/demo)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
 
     from memformers.compare.cli import add_compare_subparser
     from memformers.data.cli import add_data_subparser

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from memformers.data.corpus import (
     build_corpus,
@@ -27,8 +26,7 @@ def add_data_subparser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     b.add_argument("--hf", action="store_true",
                    help="--source is a dataset saved with datasets.save_to_disk")
     b.add_argument("--out", default=None,
-                   help="corpus directory (default for stdlib: $MEMFORMERS_HOME/corpora/"
-                        "stdlib-<tokenizer>)")
+                   help="corpus directory (default for stdlib: data/stdlib-<tokenizer>)")
     b.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     b.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size")
     b.add_argument("--include", action="append", default=[], metavar="GLOB",
@@ -61,30 +59,6 @@ def add_data_subparser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return data
 
 
-def build_passkey_corpus(args: argparse.Namespace):
-    """Passkey documents written as JSONL, then built like any corpus (train split only)."""
-    import json
-    import tempfile
-
-    import numpy as np
-
-    from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
-    from memformers.tasks.passkey import passkey_documents
-
-    if not 0 < args.min_length <= args.max_length or args.docs <= 0:
-        raise MemformersError("need --docs > 0 and 0 < --min-length <= --max-length")
-    tok = ByteTokenizer() if args.tokenizer == "byte" else load_tokenizer(args.tokenizer)
-    rng = np.random.default_rng(args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "passkey.jsonl"
-        with open(src, "w") as f:
-            for name, text in passkey_documents(tok, args.docs, args.min_length,
-                                                args.max_length, rng):
-                f.write(json.dumps({"name": name, "text": text}) + "\n")
-        return build_corpus(args.out, str(src), tokenizer=args.tokenizer, split="1,0,0",
-                            overwrite=args.overwrite, progress=False)
-
-
 def run_data_command(args: argparse.Namespace) -> int:
     """Run ``data build`` or ``data stats``; prints the corpus statistics."""
     if args.data_command == "build":
@@ -102,7 +76,11 @@ def run_data_command(args: argparse.Namespace) -> int:
         )
         print(f"wrote corpus to {out}")
     elif args.data_command == "passkey":
-        manifest = build_passkey_corpus(args)
+        from memformers.tasks.passkey import build_passkey_corpus
+
+        manifest = build_passkey_corpus(args.out, args.docs, args.min_length, args.max_length,
+                                        tokenizer=args.tokenizer, seed=args.seed,
+                                        overwrite=args.overwrite)
         print(f"wrote passkey corpus to {args.out}")
     else:
         manifest = open_corpus_manifest(args.dir, verify=args.verify)

@@ -170,3 +170,29 @@ def passkey_documents(tokenizer: Tokenizer, n_docs: int, min_len: int, max_len: 
         length = int(rng.integers(min_len, max_len + 1))
         ex = make_passkey_example(tokenizer, length, float(rng.random()), rng, digits=digits)
         yield f"passkey-{i:06d}", tokenizer.decode(np.concatenate([ex.tokens, ex.answer]))
+
+
+def build_passkey_corpus(out_dir, n_docs: int, min_len: int, max_len: int, *,
+                         tokenizer: str = "byte", seed: int = 0, overwrite: bool = False):
+    """A corpus (train split only) of ``passkey_documents``, to mix into training.
+
+    ``tokenizer`` is "byte" or a corpus directory whose tokenizer to use.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from memformers.data.corpus import build_corpus
+    from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
+
+    if not 0 < min_len <= max_len or n_docs <= 0:
+        raise MemformersError("passkey corpus: need docs > 0 and 0 < min length <= max length")
+    tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "passkey.jsonl"
+        with open(src, "w") as f:
+            for name, text in passkey_documents(tok, n_docs, min_len, max_len, rng):
+                f.write(json.dumps({"name": name, "text": text}) + "\n")
+        return build_corpus(out_dir, str(src), tokenizer=tokenizer, split="1,0,0",
+                            overwrite=overwrite, progress=False)

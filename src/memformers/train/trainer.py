@@ -33,6 +33,7 @@ from memformers.memory.state import (
     state_bytes_per_stream,
 )
 from memformers.model import MemformerLM, lm_loss
+from memformers.pretrained import resolve_weights
 from memformers.train.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
@@ -127,7 +128,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = MemformerLM(cfg.model).to(self.device)
         if t.init_from and not resume:
-            self._init_from(Path(t.init_from))
+            self._init_from(t.init_from)
         self.optimizers = build_optimizers(self.model, t)
         self.train_split = CorpusSplit.concat(
             [CorpusSplit.open(d, "train") for d in [self.corpus_dir, *cfg.data.mix]])
@@ -155,10 +156,8 @@ class Trainer:
                 shutil.copy(tok_file, self.run_dir / "tokenizer.json")
         self._stop = False
 
-    def _init_from(self, path: Path) -> None:
-        weights = path / "model.safetensors" if path.is_dir() else path
-        if not weights.is_file():
-            raise MemformersError(f"train.init_from: no weights at {weights}")
+    def _init_from(self, value: str) -> None:
+        weights = resolve_weights(value)
         missing = load_model_weights(self.model, weights, strict=False)
         if missing:
             tqdm.write(f"init_from {weights}: new parameters left at init: {len(missing)} "
