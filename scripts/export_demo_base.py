@@ -24,6 +24,9 @@ def main() -> None:
     args = ap.parse_args()
     weights = args.out / "demo-base.safetensors"
     tensors = load_file(str(args.run_dir / "model.safetensors"))
+    # The memory gate of a capacity-0 kNN layer never received a gradient: it is not
+    # part of the pretrained model, so a fine-tune starts it at model.knn.gate_init.
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".memory.gate")}
     save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(weights),
               metadata={"format": "pt", "dtype": "float16"})
     ev = json.loads((args.run_dir / "eval.json").read_text())

@@ -6,6 +6,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_MODEL = [
     "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.head_dim=8",
@@ -27,3 +28,12 @@ def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "tiny"
     build_corpus(out, str(src), tokenizer="byte", split=(0.6, 0.2, 0.2), progress=False)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny test models run 10-40x slower when two threads fight on a busy 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

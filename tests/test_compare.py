@@ -44,13 +44,6 @@ set = ["model.xl_cache=true", "model.infini.layers=[1]"]
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run 10-40x slower when threads fight on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _toml(corpus: Path, variants: str = VARIANTS, xl_extra: str = "") -> str:

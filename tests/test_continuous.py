@@ -11,15 +11,6 @@ from memformers.memory.continuous import ContinuousMemory, attention_density, ga
 from memformers.model import MemformerLM, lm_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the shared test machine is oversubscribed; tiny ops are far faster on one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def memory(B=2, H=2, d=4, D=6, **kw) -> ContinuousMemory:
     torch.manual_seed(0)
     kw = {"layers": [0], "n_basis": 32, "widths": [0.02, 0.05], "n_samples": 64,

@@ -15,13 +15,6 @@ from memformers.model import MemformerLM, lm_loss
 B, H, L, D = 3, 2, 5, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run 10-40x slower when threads fight on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(update="linear", **kw) -> InfiniMemory:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from memformers.config import ModelConfig
+from memformers.data.tokenizer import ByteTokenizer
 from memformers.errors import MemformersError
 from memformers.evaluate.generate import feed_and_generate, sample_next
 from memformers.evaluate.passkey import evaluate_passkey, passkey_table, plot_passkey_heatmap
@@ -20,16 +21,6 @@ from memformers.tasks.passkey import (
     passkey_training_batch,
     passkey_training_example,
 )
-
-
-class ByteTokenizer:
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 class PairTokenizer:

@@ -18,7 +18,8 @@ def test_demo_base_matches_recorded_hash():
 def test_demo_base_loads_into_its_config_and_predicts_python():
     cfg = load_config("configs/demo/base.toml")
     model = MemformerLM(cfg.model).eval()
-    assert load_model_weights(model, shipped_weights("demo-base")) == []
+    missing = load_model_weights(model, shipped_weights("demo-base"), strict=False)
+    assert missing == ["blocks.2.attn.memory.gate"]  # never trained: starts at gate_init
     text = b"import os\nimport sys\n\n\ndef main():\n    return 0\n" * 4
     tokens = torch.tensor([list(text)])
     with torch.no_grad():

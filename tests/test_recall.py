@@ -3,6 +3,7 @@ import re
 import numpy as np
 import pytest
 
+from memformers.data.tokenizer import ByteTokenizer
 from memformers.errors import MemformersError
 from memformers.tasks.passkey import FILLER_SENTENCES
 from memformers.tasks.recall import (
@@ -14,16 +15,6 @@ from memformers.tasks.recall import (
     recall_training_batch,
     recall_training_example,
 )
-
-
-class ByteTokenizer:
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 class WordTokenizer:
