@@ -47,6 +47,7 @@ class Attention(nn.Module):
         mask: torch.Tensor,  # (B, L) bool, real tokens
         rel_bias: RelativePositionBias | None,
         commit: bool = True,
+        shared: dict | None = None,  # per-forward scratch: layers reuse one additive mask
     ) -> torch.Tensor:
         B, L, _ = x.shape
         H, d = self.n_heads, self.head_dim
@@ -69,14 +70,13 @@ class Attention(nn.Module):
             q_pos, k_pos = self.rotary(q, start=C), self.rotary(keys, start=0)
 
         # Additive mask (B or 1, H or 1, L, C+L): position bias, causality, cache validity.
-        causal = torch.ones(L, C + L, dtype=torch.bool, device=x.device).tril(diagonal=C)
-        attn_mask = torch.zeros(1, 1, L, C + L, device=x.device, dtype=q.dtype)
-        if rel_bias is not None:
-            attn_mask = attn_mask + rel_bias(L, C + L, x.device).to(q.dtype)[None]
-        attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
-        if valid is not None:
-            key_ok = torch.cat([valid, torch.ones(B, L, dtype=torch.bool, device=x.device)], 1)
-            attn_mask = attn_mask.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+        # Every layer's cache holds the same segment, so all layers share one mask.
+        key = ("attn_mask", L, C, q.dtype)
+        attn_mask = shared.get(key) if shared is not None else None
+        if attn_mask is None:
+            attn_mask = self._additive_mask(B, L, C, valid, rel_bias, x.device, q.dtype)
+            if shared is not None:
+                shared[key] = attn_mask
 
         local = F.scaled_dot_product_attention(
             q_pos, k_pos, values, attn_mask=attn_mask,
@@ -89,3 +89,15 @@ class Attention(nn.Module):
         if commit and self.cache is not None:
             self.cache.write(k, v, mask)
         return self.out(out.transpose(1, 2).reshape(B, L, H * d))
+
+    @staticmethod
+    def _additive_mask(B, L, C, valid, rel_bias, device, dtype) -> torch.Tensor:
+        causal = torch.ones(L, C + L, dtype=torch.bool, device=device).tril(diagonal=C)
+        attn_mask = torch.zeros(1, 1, L, C + L, device=device, dtype=dtype)
+        if rel_bias is not None:
+            attn_mask = attn_mask + rel_bias(L, C + L, device).to(dtype)[None]
+        attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        if valid is not None:
+            key_ok = torch.cat([valid, torch.ones(B, L, dtype=torch.bool, device=device)], 1)
+            attn_mask = attn_mask.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+        return attn_mask

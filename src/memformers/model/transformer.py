@@ -32,8 +32,8 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, layer, shared)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, rel_bias, commit):
-        x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit))
+    def forward(self, x, mask, rel_bias, commit, shared=None):
+        x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit, shared))
         return x + self.drop(self.ffn(self.norm2(x), mask))
 
 
@@ -98,8 +98,9 @@ class MemformerLM(nn.Module):
             for _, state in iter_stream_states(self):
                 state.reset(new_doc.to(tokens.device))
         x = self.embed(tokens)
+        shared: dict = {}  # per-forward scratch shared by the layers (the attention mask)
         for block in self.blocks:
-            x = block(x, mask, self.rel_bias, commit)
+            x = block(x, mask, self.rel_bias, commit, shared)
         return self.head(self.norm(x))
 
     def num_parameters(self) -> int:
