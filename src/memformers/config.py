@@ -168,16 +168,19 @@ def config_from_dict(raw: dict) -> RunConfig:
     return cfg
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing or malformed file is a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise MemformersError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise MemformersError(f"{what} {p} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise MemformersError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise MemformersError(f"config file {p} is not valid TOML: {e}") from None
+    raw = read_toml(path) if path is not None else {}
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -47,7 +47,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from memformers.config import RunConfig, apply_overrides, config_from_dict, config_hash, to_dict
+from memformers.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_hash,
+    read_toml,
+    to_dict,
+)
 from memformers.errors import MemformersError
 
 # --------------------------------------------------------------------------- config
@@ -213,15 +220,7 @@ def compare_config_from_dict(raw: dict, path: Path | None = None,
     if "base_config" in comp:
         if not isinstance(comp["base_config"], str):
             raise MemformersError("compare.base_config must be a path string")
-        base = resolve_path(comp["base_config"], path)
-        if not base.is_file():
-            raise MemformersError(f"compare.base_config not found: {comp['base_config']}")
-        import tomllib
-
-        try:
-            base_raw = tomllib.loads(base.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise MemformersError(f"base config {base} is not valid TOML: {e}") from None
+        base_raw = read_toml(resolve_path(comp["base_config"], path), "compare.base_config")
     inline = raw.get("base", {})
     if not isinstance(inline, dict):
         raise MemformersError("[base] must be a table laid out like a run config "
@@ -271,16 +270,8 @@ def compare_config_from_dict(raw: dict, path: Path | None = None,
 
 def load_compare_config(path: str | Path, cli_set: list[str] | None = None,
                         only: list[str] | None = None) -> CompareConfig:
-    import tomllib
-
-    p = Path(path)
-    if not p.is_file():
-        raise MemformersError(f"compare config not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise MemformersError(f"compare config {p} is not valid TOML: {e}") from None
-    return compare_config_from_dict(raw, p, cli_set, only)
+    return compare_config_from_dict(read_toml(path, "compare config"), Path(path), cli_set,
+                                    only)
 
 
 def resolve_corpus(text: str) -> str:
