@@ -260,3 +260,26 @@ def test_ensure_default_corpus_builds_once(monkeypatch, tmp_path):
     assert out == Path("data") / "stdlib-byte"
     assert corpus.ensure_default_corpus("byte", progress=False) == out
     assert calls == [(out, "stdlib", "byte")]
+
+
+def test_concat_splits_mixes_corpora(tmp_path):
+    from memformers.tasks.passkey import build_passkey_corpus
+
+    make_text_dir(tmp_path / "src")
+    build_corpus(tmp_path / "a", str(tmp_path / "src"), split="1,0,0", progress=False)
+    build_passkey_corpus(tmp_path / "pk", 3, 300, 400, seed=1)
+    a, pk = CorpusSplit.open(tmp_path / "a"), CorpusSplit.open(tmp_path / "pk")
+    mixed = CorpusSplit.concat([a, pk])
+    assert mixed.n_docs == a.n_docs + pk.n_docs == a.n_docs + 3
+    for i in range(a.n_docs):
+        assert np.array_equal(mixed.doc(i), a.doc(i))
+    for j in range(3):
+        text = bytes(mixed.doc(a.n_docs + j).astype(np.uint8)).decode()
+        assert 300 <= pk.doc_len(j) <= 400 + 8 and text.count("The pass key is") == 2
+        key = text.rsplit(" ", 1)[-1]
+        assert text.endswith(f"What is the pass key? The pass key is {key}")
+        assert text.count(f"{key} is the pass key.") == 1
+    build_corpus(tmp_path / "b", str(tmp_path / "src"), tokenizer="bpe", bpe_vocab=300,
+                 split="1,0,0", progress=False)
+    with pytest.raises(MemformersError, match="different tokenizers"):
+        CorpusSplit.concat([a, CorpusSplit.open(tmp_path / "b")])

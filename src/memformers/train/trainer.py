@@ -134,7 +134,8 @@ class Trainer:
             [CorpusSplit.open(d, "train") for d in [self.corpus_dir, *cfg.data.mix]])
         self.eval_split = CorpusSplit.open(self.corpus_dir, cfg.data.eval_split)
         self.stream = DocumentStreams(self.train_split, cfg.data.batch_size, cfg.data.segment_len,
-                                      shuffle=True, seed=t.seed, loop=True)
+                                      shuffle=True, seed=t.seed, loop=True,
+                                      min_doc_tokens=cfg.data.min_doc_tokens)
         self.model.allocate_state(cfg.data.batch_size, self.device)
         self.step = 0
         self.tokens_seen = 0
