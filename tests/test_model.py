@@ -93,6 +93,11 @@ def test_relative_bias_buckets_monotone_and_bounded():
     b = rb.bucket(torch.arange(0, 1000))
     assert b[0] == 0 and b[15] == 15 and b.max() == 31
     assert bool((b[1:] >= b[:-1]).all())
+    bias = rb(4, 300, torch.device("cpu"))  # (H, 4, 300): locality prior at init
+    assert bias[0, -1, -1] == 0 and bias[0, -1, 0] == -0.25 * 31
+    assert bool((bias[:, -1, 1:] >= bias[:, -1, :-1]).all())  # nearer keys never lower
+    zero = RelativePositionBias(2, init_slope=0.0)
+    assert bool((zero(4, 8, torch.device("cpu")) == 0).all())
 
 
 def test_loss_ignores_padding_and_training_lowers_it():

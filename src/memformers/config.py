@@ -37,6 +37,7 @@ class ModelConfig:
     rel_buckets: int = 32
     rel_max_distance: int = 128
     rel_bias_lr_scale: float = 10.0  # the shared T5 bias table learns at this x train.lr
+    rel_bias_init_slope: float = 0.25  # initial bias = -slope * bucket (0 = T5's zero init)
     rope_base: float = 10000.0
     dropout: float = 0.0
     xl_cache: bool = False  # attend to the previous segment's keys/values

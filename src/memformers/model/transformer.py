@@ -43,7 +43,7 @@ class MemformerLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rel_bias = (RelativePositionBias(cfg.n_heads, cfg.rel_buckets, cfg.rel_max_distance,
-                                              cfg.rel_bias_lr_scale)
+                                              cfg.rel_bias_lr_scale, cfg.rel_bias_init_slope)
                          if cfg.position == "t5" else None)
         rotary = Rotary(cfg.head_dim, cfg.rope_base) if cfg.position == "rope" else None
         shared: dict = {}  # modules shared across layers (e.g. one PKM value table)
