@@ -28,6 +28,8 @@ def test_unknown_config_key_suggests_closest(capsys, tmp_path):
     (["train", "--config", "configs/baseline.toml", "--set", "data.corpus='/nonexistent'"],
      "not a memformers corpus"),
     (["eval", "/nonexistent/run"], "not a memformers run directory"),
+    (["train", "--set", "model.knn.backend='faiss'", "--set", "model.knn.capacity=20000"],
+     "multiple of model.knn.faiss_block"),
     (["train", "--resume", "--run-dir", "/nonexistent/run"], "not a memformers run directory"),
 ])
 def test_error_paths_are_one_line(capsys, args, needle):

@@ -250,6 +250,10 @@ def validate(cfg: RunConfig) -> None:
     _choice(k.storage_dtype, ("float16", "bfloat16", "float32"), "model.knn.storage_dtype")
     _choice(k.faiss_index, ("flat", "ivf", "hnsw"), "model.knn.faiss_index")
     _check(k.search_chunk > 0 and k.faiss_block > 0, "model.knn search sizes must be positive")
+    blk = min(k.faiss_block, max(k.capacity, 1))
+    _check(k.backend != "faiss" or k.capacity % blk == 0,
+           f"model.knn.capacity ({k.capacity}) must be a multiple of model.knn.faiss_block "
+           f"({k.faiss_block}) with the faiss backend")
 
     p = m.pkm
     _check(p.n_keys > 0 and p.heads > 0 and p.top_k > 0, "model.pkm sizes must be positive")
