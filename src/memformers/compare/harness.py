@@ -18,9 +18,7 @@ variant, the evaluation to run, and the variants::
 Overrides are applied in this order: base config file, ``[base]``, ``compare.set``,
 the variant's ``set`` (and ``init_from``), then the command line's ``--set``. Every
 variant therefore sees the same data, tokens, seed and schedule unless it says
-otherwise (the report notes any data/train setting that differs). ``data.corpus =
-"default"`` (or ``"default-bpe"``) means the stdlib corpus that ``memformers data
-build`` writes when given no ``--out``.
+otherwise (the report notes any data/train setting that differs).
 
 Each variant lives in ``<out>/runs/<name>-<config hash>/``. A finished run there
 (``model.safetensors`` and a ``results.json`` with the same config hash) is not
@@ -102,7 +100,6 @@ COMPARE_KEYS = ("name", "base_config", "set", "description")
 VARIANT_KEYS = ("name", "set", "init_from", "description")
 TOP_KEYS = ("compare", "base", "eval", "variant")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-DEFAULT_CORPORA = {"default": "byte", "default-bpe": "bpe"}  # data.corpus shorthands
 
 
 def _unknown(key: str, known, where: str) -> MemformersError:
@@ -274,15 +271,6 @@ def load_compare_config(path: str | Path, cli_set: list[str] | None = None,
                                     only)
 
 
-def resolve_corpus(text: str) -> str:
-    """``default`` / ``default-bpe`` = where ``memformers data build`` puts the stdlib corpus."""
-    if text in DEFAULT_CORPORA:
-        from memformers.data.corpus import default_corpus_dir
-
-        return str(default_corpus_dir(DEFAULT_CORPORA[text]))
-    return str(Path(text).expanduser())
-
-
 def variant_config(cc: CompareConfig, v: VariantSpec) -> RunConfig:
     """The variant's full run config (base, shared, own and CLI overrides, in that order)."""
     raw = copy.deepcopy(cc.base_raw)
@@ -292,7 +280,7 @@ def variant_config(cc: CompareConfig, v: VariantSpec) -> RunConfig:
         cfg = config_from_dict(raw)
     except MemformersError as e:
         raise MemformersError(f"variant '{v.name}': {e}") from None
-    cfg.data.corpus = resolve_corpus(cfg.data.corpus)
+    cfg.data.corpus = str(Path(cfg.data.corpus).expanduser())
     return cfg
 
 

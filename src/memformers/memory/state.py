@@ -60,6 +60,7 @@ def allocate_states(model: nn.Module, batch_size: int, device: torch.device | st
 
 
 def reset_states(model: nn.Module, streams: torch.Tensor) -> None:
+    """Clear the flagged streams (B,) bool in every state of ``model``."""
     if bool(streams.any()):
         for _, s in iter_stream_states(model):
             s.reset(streams)

@@ -15,7 +15,12 @@ from torch import nn
 
 from memformers.config import ModelConfig
 from memformers.memory import build_attention_memory, build_ffn
-from memformers.memory.state import allocate_states, detach_states, iter_stream_states
+from memformers.memory.state import (
+    allocate_states,
+    detach_states,
+    iter_stream_states,
+    reset_states,
+)
 from memformers.model.attention import Attention
 from memformers.model.position import RelativePositionBias, Rotary
 
@@ -94,9 +99,8 @@ class MemformerLM(nn.Module):
             self.allocate_state(B, tokens.device)
         if mask is None:
             mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
-        if new_doc is not None and bool(new_doc.any()):
-            for _, state in iter_stream_states(self):
-                state.reset(new_doc.to(tokens.device))
+        if new_doc is not None:
+            reset_states(self, new_doc.to(tokens.device))
         x = self.embed(tokens)
         shared: dict = {}  # per-forward scratch shared by the layers (the attention mask)
         for block in self.blocks:
