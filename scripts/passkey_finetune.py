@@ -9,6 +9,11 @@ needle. Run it twice -- with and without the memory -- for the control:
 
     python scripts/passkey_finetune.py --out runs/pk-knn --set model.knn.capacity=65536
     python scripts/passkey_finetune.py --out runs/pk-xl                      # capacity 0
+
+``--steps 0`` only evaluates (e.g. a trained model with a larger memory):
+
+    python scripts/passkey_finetune.py --out runs/pk-256k --init runs/pk-knn/model.safetensors \
+        --steps 0 --set model.knn.capacity=262144 --eval-lengths 262144 --samples 4
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def main() -> None:
     p.add_argument("--init", default="demo-base", help="weights to start from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1500, help="0: evaluate only")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lengths", default="1024,2048,4096", help="training lengths (tokens)")
@@ -65,7 +70,7 @@ def main() -> None:
     args = p.parse_args()
 
     cfg = load_config(args.config, args.set + [f"train.lr={args.lr}",
-                                               f"train.steps={args.steps}",
+                                               f"train.steps={max(1, args.steps)}",
                                                f"train.warmup_steps={max(1, args.steps // 10)}"])
     dev = resolve_device(cfg.train.device)
     torch.manual_seed(args.seed)
@@ -100,7 +105,8 @@ def main() -> None:
                    "seconds": round(time.time() - start, 1)}
             log.append(rec)
             print(json.dumps(rec), flush=True)
-    save_model(model, out / "model.safetensors")
+    if args.steps:
+        save_model(model, out / "model.safetensors")
 
     res = {"train_log": log, "gates": gate_report(model), "config_sets": args.set}
     model.eval()
