@@ -9,6 +9,8 @@ needle. Run it twice -- with and without the memory -- for the control:
 
     python scripts/passkey_finetune.py --out runs/pk-knn --set model.knn.capacity=65536
     python scripts/passkey_finetune.py --out runs/pk-xl                      # capacity 0
+    python scripts/passkey_finetune.py --out runs/pk-infini --grad-segments 4 \
+        --set "model.infini.layers=[3]"      # Infini-attention (top layer)
 
 ``--steps 0`` only evaluates (e.g. a trained model with a larger memory):
 
@@ -37,20 +39,33 @@ from memformers.train.optim import build_optimizers, set_lr
 from memformers.train.trainer import autocast_for, gate_report, resolve_device
 
 
-def answer_loss(model, tokens: torch.Tensor, targets: torch.Tensor, seg: int, amp) -> torch.Tensor:
-    """Feed (B, T) tokens segment by segment; cross-entropy on the last segment's labels."""
+def answer_loss(model, tokens: torch.Tensor, targets: torch.Tensor, seg: int, amp,
+                grad_segments: int = 1) -> torch.Tensor:
+    """Feed (B, T) tokens segment by segment; cross-entropy on the labelled positions.
+
+    The last ``grad_segments`` segments run with gradient, so a memory whose state is
+    differentiable (Infini-attention) is trained through its writes (BPTT); earlier
+    segments only fill the state.
+    """
     B, T = tokens.shape
     model.allocate_state(B, tokens.device)
     first = torch.ones(B, dtype=torch.bool, device=tokens.device)
     cont = torch.zeros_like(first)
     n = T // seg
+    n_free = max(0, n - grad_segments)
     with torch.no_grad(), amp:
-        for s in range(n - 1):
+        for s in range(n_free):
             model(tokens[:, s * seg:(s + 1) * seg], new_doc=first if s == 0 else cont)
-    with amp:
-        logits = model(tokens[:, (n - 1) * seg:], new_doc=first if n == 1 else cont)
-    return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets[:, (n - 1) * seg:].flatten(), ignore_index=-100)
+    losses = []
+    for s in range(n_free, n):
+        labels = targets[:, s * seg:(s + 1) * seg]
+        with amp:
+            logits = model(tokens[:, s * seg:(s + 1) * seg], new_doc=first if s == 0 else cont)
+        if (labels != -100).any():
+            losses.append(torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                reduction="sum"))
+    return torch.stack(losses).sum() / (targets != -100).sum()
 
 
 def main() -> None:
@@ -67,6 +82,8 @@ def main() -> None:
     p.add_argument("--eval-depths", default="0.1,0.5,0.9")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-segments", type=int, default=1,
+                   help="last segments trained with gradient (BPTT through the memory state)")
     args = p.parse_args()
 
     cfg = load_config(args.config, args.set + [f"train.lr={args.lr}",
@@ -93,7 +110,7 @@ def main() -> None:
         n = int(rng.choice(lengths))
         toks, tgts = (torch.as_tensor(a, device=dev)
                       for a in passkey_training_batch(tok, args.batch, n, rng))
-        loss = answer_loss(model, toks, tgts, seg, amp)
+        loss = answer_loss(model, toks, tgts, seg, amp, args.grad_segments)
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
