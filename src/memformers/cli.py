@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -51,13 +52,14 @@ def load_trained_model(run_dir: Path, overrides: list[str] = (), device: str = "
 
 def launch_processes(nproc: int, args) -> int:
     """``memformers train ...`` in ``nproc`` processes via torchrun's own entry point."""
+    if nproc < 1:
+        raise MemformersError(f"--nproc must be at least 1, got {nproc}")
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from memformers.train.distributed import launched_by_torchrun
 
-    if nproc < 1:
-        raise MemformersError(f"--nproc must be at least 1, got {nproc}")
     if launched_by_torchrun():
         raise MemformersError("--nproc inside torchrun: use one or the other")
     argv = ["train", "--run-dir", args.run_dir]
@@ -73,6 +75,9 @@ def launch_processes(nproc: int, args) -> int:
         print("error: training process(es) failed: " + ", ".join(
             f"rank {r} (exit code {c})" for r, c in sorted(codes.items())), file=sys.stderr)
         return 2 if set(codes.values()) == {2} else 1
+    except SignalException as e:  # passed on to the processes: on SIGTERM they checkpoint
+        print(f"launcher stopped by signal {int(e.sigval)}", file=sys.stderr)
+        return 0 if e.sigval == signal.SIGTERM else 128 + int(e.sigval)
     return 0
 
 

@@ -31,6 +31,8 @@ from memformers.memory.knn_store import KNNStore, knn_footprint_bytes
 
 
 class KNNMemoryAttention(AttentionMemory):
+    may_skip_parameters = True  # the gate is unused while every memory is empty
+
     def __init__(self, cfg: KNNConfig, *, n_heads: int, head_dim: int, d_model: int):
         super().__init__()
         if cfg.scale_init <= 0:

@@ -137,12 +137,16 @@ def wrap(window: nn.Module, model: nn.Module, train_cfg, env: DistEnv) -> nn.Mod
     if sparse and dist.get_backend() != "gloo":
         raise MemformersError("model.pkm.sparse=true: NCCL cannot all-reduce sparse "
                               "gradients; set model.pkm.sparse=false for multi-GPU runs")
-    # find_unused_parameters: a kNN gate is unused while its memories are empty, and a
-    # rank's memories can be empty while another's are not. Buffers (PKM batch-norm
-    # statistics) follow rank 0; per-stream memories are not buffers, never broadcast.
+    # A kNN gate is unused while its memories are empty, and one rank's memories can be
+    # empty while another's are not: DDP must then look for unused parameters. Buffers
+    # (PKM batch-norm statistics) follow rank 0; per-stream memories are not buffers.
+    from memformers.memory.base import AttentionMemory
+
+    skips = any(getattr(m, "may_skip_parameters", False) for m in model.modules()
+                if isinstance(m, AttentionMemory))
     ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(window, device_ids=ids,
-                                               find_unused_parameters=True)
+                                               find_unused_parameters=skips)
 
 
 def _fully_shard(model: nn.Module, train_cfg, env: DistEnv) -> None:
