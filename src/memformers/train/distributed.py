@@ -101,6 +101,10 @@ def init_distributed(device_name: str) -> DistEnv:
     return DistEnv(rank, world, local, device, enabled=True)
 
 
+def backend() -> str:
+    return dist.get_backend() if dist.is_initialized() else "none"
+
+
 def close_distributed(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -239,7 +239,8 @@ class Trainer:
         if env.enabled:
             shard = " + sharded PKM values" if c.train.shard_pkm_values else ""
             text += (f"\n{env.world_size} processes ({c.train.parallel}{shard}, "
-                     f"{self.device.type}), {c.data.batch_size // env.world_size} of "
+                     f"{D.backend()} on {self.device.type}), "
+                     f"{c.data.batch_size // env.world_size} of "
                      f"{c.data.batch_size} streams and their memories each")
         return text
 
