@@ -218,3 +218,59 @@ def test_config_and_launcher_errors(tmp_path, capsys):
         load_config(None, ["train.parallel=\"zero3\""])
     assert main(["train", "--nproc", "0", "--run-dir", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == "error: --nproc must be at least 1, got 0\n"
+
+
+def _memory_model(**extra):
+    from memformers.config import ModelConfig
+    from memformers.memory.configs import ContinuousConfig, InfiniConfig, KNNConfig, PKMConfig
+    from memformers.model import MemformerLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=4, d_model=32, n_heads=4, head_dim=8, d_ff=64, xl_cache=True,
+                      knn=KNNConfig(layers=[1], capacity=64, top_k=4),
+                      infini=InfiniConfig(layers=[2]),
+                      continuous=ContinuousConfig(layers=[3], n_basis=8, n_samples=8),
+                      pkm=PKMConfig(layers=[0], n_keys=8, k_dim=16, heads=2, top_k=4), **extra)
+    return MemformerLM(cfg)
+
+
+def test_per_stream_memories_are_neither_parameters_nor_buffers():
+    """DDP broadcasts buffers and all-reduces gradients: memories must be neither."""
+    from memformers.memory.state import iter_stream_states
+
+    model = _memory_model()
+    tokens = torch.randint(0, 256, (2, 16))
+    model(tokens)
+    model(tokens)  # every memory now holds a segment
+    owned = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    states = [t for _, s in iter_stream_states(model) for t in s.state_tensors().values()]
+    assert len(states) >= 8 and all(t.data_ptr() not in owned for t in states)
+
+
+def test_fsdp_gives_every_parameter_a_gradient_while_a_memory_is_empty():
+    """FSDP2 reduce-scatters the gradients a rank has: a kNN gate skipped on one rank
+    (empty memory) but used on another would mismatch the collective, so under FSDP2
+    the gate gets an exact zero gradient instead of none."""
+    import torch.distributed as dist
+
+    from memformers.config import TrainConfig
+    from memformers.train.distributed import DistEnv, wrap
+
+    tokens = torch.randint(0, 256, (2, 17))
+    plain = _memory_model()
+    ref = plain(tokens[:, :-1])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = _memory_model()
+        wrap(torch.nn.Module(), model, TrainConfig(parallel="fsdp"), DistEnv(enabled=True))
+        knn = model.blocks[1].attn.memory
+        assert knn.store.is_empty() and knn.touch_skipped_parameters
+        logits = model(tokens[:, :-1])
+        assert torch.equal(logits, ref)  # + 0.0 * gate changes nothing
+        logits.float().logsumexp(-1).mean().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing
+        assert torch.equal(knn.gate.grad.full_tensor(), torch.zeros(4))
+    finally:
+        dist.destroy_process_group()
+    assert plain.blocks[1].attn.memory.touch_skipped_parameters is False

@@ -57,6 +57,8 @@ class KNNMemoryAttention(AttentionMemory):
         out = local_out
         if not self.store.is_empty():
             out = self._read(q, local_out)
+        elif self.touch_skipped_parameters:  # FSDP2: a zero gradient for the unused gate
+            out = local_out + 0.0 * self.gate.sum().to(local_out.dtype)
         if commit:
             self.store.write(k, v, mask)
         return out

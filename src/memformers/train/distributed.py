@@ -163,6 +163,11 @@ def _fully_shard(model: nn.Module, train_cfg, env: DistEnv) -> None:
     else:  # replicate the rest: shard groups of one rank, all-reduce across replicas
         dense = init_device_mesh(env.device.type, (env.world_size, 1),
                                  mesh_dim_names=("replicate", "shard"))
+    from memformers.memory.base import AttentionMemory
+
+    for m in model.modules():  # FSDP2 reduce-scatters the gradients every rank has: all
+        if isinstance(m, AttentionMemory) and m.may_skip_parameters:
+            m.touch_skipped_parameters = True
     for table in _value_tables(model):  # before the blocks, so a shared table is one unit
         fully_shard(table, mesh=shard_all)
     if train_cfg.parallel == "fsdp":
