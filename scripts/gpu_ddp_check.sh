@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_ddp_check.sh              # NPROC=1: torchrun with one process
 #   NPROC=4 bash scripts/gpu_ddp_check.sh      # one process per GPU (data.batch_size=8)
+#   STEPS=10 EXTRA='--set train.precision="fp32"' bash scripts/gpu_ddp_check.sh  # CPU smoke
 #
 # Builds its own tiny corpus (standard-library text), then trains the same small
 # model (XL cache, kNN memory, product-key memory) four ways, bf16 autocast:
@@ -15,6 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 NPROC=${NPROC:-1}
+STEPS=${STEPS:-60}  # even: the resumed run restarts from the checkpoint at STEPS / 2
+read -r -a EXTRA <<< "${EXTRA:-}"
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 
@@ -35,8 +38,9 @@ SETS=(--no-progress
       --set model.xl_cache=true --set model.knn.layers=[2] --set model.knn.capacity=1024
       --set model.pkm.layers=[1] --set model.pkm.n_keys=32 --set model.pkm.k_dim=64
       --set model.pkm.query_norm=\"layernorm\"
-      --set train.steps=60 --set train.warmup_steps=10 --set train.ckpt_every=30
-      --set train.log_every=1 --set train.precision=\"bf16\")
+      --set train.steps="$STEPS" --set train.warmup_steps=10
+      --set train.ckpt_every=$((STEPS / 2)) --set train.log_every=1
+      --set train.precision=\"bf16\" "${EXTRA[@]}")
 
 python -m memformers train --run-dir "$W/single" "${SETS[@]}"
 torchrun --standalone --nproc_per_node="$NPROC" -m memformers train --run-dir "$W/ddp" \
@@ -44,22 +48,23 @@ torchrun --standalone --nproc_per_node="$NPROC" -m memformers train --run-dir "$
 torchrun --standalone --nproc_per_node="$NPROC" -m memformers train --run-dir "$W/fsdp" \
     "${SETS[@]}" --set train.parallel=\"fsdp\"
 
-# resume: the ddp run as it was at its step-30 checkpoint, continued by --nproc
+# resume: the ddp run as it was at its mid-run checkpoint, continued by --nproc
 cp -r "$W/ddp" "$W/resumed"
-rm -rf "$W/resumed/checkpoints/step_0000060" "$W/resumed/model.safetensors" \
+rm -rf "$W/resumed/checkpoints/step_$(printf %07d "$STEPS")" "$W/resumed/model.safetensors" \
     "$W/resumed/eval.json"
 python -m memformers train --nproc "$NPROC" --run-dir "$W/resumed" --resume --no-progress
 
-python - "$W" <<'EOF'
+python - "$W" "$STEPS" <<'EOF'
 import json, sys
 from pathlib import Path
-w = Path(sys.argv[1])
+w, steps = Path(sys.argv[1]), int(sys.argv[2])
 
-def train_loss(run):  # mean of the last 10 steps
+def train_loss(run):  # mean of the last 10 steps (a resumed run logs some steps twice)
     rows = [json.loads(x) for x in (w / run / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
-    assert rows[-1]["step"] == 60, run
-    return sum(r["loss"] for r in rows[-10:]) / 10
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert sorted(by_step) == list(range(1, steps + 1)), run
+    last = sorted(by_step)[-10:]
+    return sum(by_step[s] for s in last) / len(last)
 
 def eval_loss(run):
     return json.loads((w / run / "eval.json").read_text())["loss"]

@@ -27,7 +27,7 @@ from memformers.train.trainer import Trainer
 from tests.conftest import TINY_MODEL
 
 SRC = Path(__file__).parents[1] / "src"
-STEPS = 6
+STEPS = 8
 SETS = [*TINY_MODEL, "data.batch_size=4", "model.xl_cache=true", f"train.steps={STEPS}",
         "train.ckpt_every=2", "train.grad_accum=2", "train.bptt_segments=2",
         "data.eval_max_tokens=512",
@@ -145,6 +145,7 @@ def test_ddp_matches_single_process_on_the_same_global_batch(reference, tiny_cor
             assert not torch.equal(r0[k], r1[k]), k
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds ranks in /proc")
 def test_kill_a_rank_then_resume_matches_uninterrupted_run(reference, tiny_corpus, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(tiny_corpus, run), env=_env(), stdout=subprocess.DEVNULL,
