@@ -156,17 +156,39 @@ def test_resume_rejects_other_config(split):
 
 
 def test_sharding_covers_each_doc_once(split):
-    ranks = [DocumentStreams(split, 2, L, seed=7, loop=False, rank=r, world_size=2)
+    ranks = [DocumentStreams(split, 4, L, seed=7, loop=False, rank=r, world_size=2)
              for r in range(2)]
-    seen = [reconstruct(list(s))[0] for s in ranks]
-    assert not set(seen[0]) & set(seen[1])
+    batches = [list(s) for s in ranks]
+    assert len(batches[0]) == len(batches[1])  # ranks step in lockstep
+    assert batches[0][0].tokens.shape == (2, L)  # batch_size is global: 2 rows each
+    seen = [reconstruct(b)[0] for b in batches]
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
     assert_exact_cover(split, {**seen[0], **seen[1]}, eligible(split))
-    assert abs(len(seen[0]) - len(seen[1])) <= 1
+
+
+def test_ranks_together_are_the_single_process_batch(split):
+    """Rank r's rows are rows r*B/N.. of the one-process batch, step by step, across epochs."""
+    single = DocumentStreams(split, 4, L, seed=2, loop=True)
+    ranks = [DocumentStreams(split, 4, L, seed=2, loop=True, rank=r, world_size=2)
+             for r in range(2)]
+    for _ in range(3 * len(eligible(split))):
+        whole, parts = next(single), [next(r) for r in ranks]
+        for name in ("tokens", "targets", "mask", "new_doc", "doc_pos", "doc_ids"):
+            assert torch.equal(getattr(whole, name),
+                               torch.cat([getattr(p, name) for p in parts])), name
+    assert single.epoch >= 2
+    state = single.state_dict()  # the position does not depend on the world size
+    assert ranks[0].state_dict() == ranks[1].state_dict() == state
+    resumed = DocumentStreams(split, 4, L, seed=2, loop=True, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed).tokens, next(single).tokens[2:])
 
 
 def test_errors(split):
     with pytest.raises(MemformersError, match="rank"):
         DocumentStreams(split, 2, L, rank=2, world_size=2)
+    with pytest.raises(MemformersError, match="divisible by the 2 ranks"):
+        DocumentStreams(split, 3, L, rank=0, world_size=2)
     with pytest.raises(MemformersError, match="no documents"):
         DocumentStreams(split, 2, L, doc_indices=[0])  # the 1-token document
     with pytest.raises(MemformersError, match="positive"):

@@ -2,6 +2,7 @@
 
     memformers data build [--source stdlib|DIR|FILE.jsonl] --out DIR
     memformers train --config FILE [--set key=value ...] [--run-dir DIR] [--resume]
+                     [--nproc N]      (N processes through torchrun: DDP / FSDP2)
     memformers eval RUN_DIR [--split valid|test] [--max-docs N]
     memformers generate RUN_DIR --prompt TEXT [--tokens N]
     memformers compare CONFIG            (train + evaluate variants on equal terms)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -48,27 +50,68 @@ def load_trained_model(run_dir: Path, overrides: list[str] = (), device: str = "
     return cfg, model.eval(), load_tokenizer(Path(cfg.data.corpus))
 
 
+def launch_processes(nproc: int, args) -> int:
+    """``memformers train ...`` in ``nproc`` processes via torchrun's own entry point."""
+    if nproc < 1:
+        raise MemformersError(f"--nproc must be at least 1, got {nproc}")
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from memformers.train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise MemformersError("--nproc inside torchrun: use one or the other")
+    argv = ["train", "--run-dir", args.run_dir]
+    if args.config:
+        argv += ["--config", args.config]
+    for item in args.set:
+        argv += ["--set", item]
+    argv += ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
+    try:
+        torchrun.main(["--standalone", f"--nproc_per_node={nproc}", "-m", "memformers", *argv])
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        print("error: training process(es) failed: " + ", ".join(
+            f"rank {r} (exit code {c})" for r, c in sorted(codes.items())), file=sys.stderr)
+        return 2 if set(codes.values()) == {2} else 1
+    except SignalException as e:  # passed on to the processes: on SIGTERM they checkpoint
+        print(f"launcher stopped by signal {int(e.sigval)}", file=sys.stderr)
+        return 0 if e.sigval == signal.SIGTERM else 128 + int(e.sigval)
+    return 0
+
+
 def cmd_train(args) -> int:
     from memformers.config import load_config
     from memformers.evaluate.lm import format_eval
     from memformers.train.trainer import Trainer
 
+    if args.nproc is not None:
+        return launch_processes(args.nproc, args)
     run_dir = Path(args.run_dir)
     if args.resume and args.config is None:
         cfg = _load_run_config(run_dir, args.set)
     else:  # no --config: the defaults (the baseline preset), changed by --set
         cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(trainer.describe(), flush=True)
-    result = trainer.run()
-    if "stopped_at" in result:
-        print(f"stopped at step {result['stopped_at']}; checkpoint saved, continue with --resume")
+    main = trainer.dist.is_main  # with several processes only rank 0 prints and writes
+    try:
+        if main:
+            print(trainer.describe(), flush=True)
+        result = trainer.run()
+        if "stopped_at" in result:
+            if main:
+                print(f"stopped at step {result['stopped_at']}; checkpoint saved, continue "
+                      "with --resume")
+            return 0
+        ev = trainer.evaluate()
+        if main:
+            (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
+            print(format_eval(ev))
+            print(f"run saved in {run_dir}")
         return 0
-    ev = trainer.evaluate()
-    (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
-    print(format_eval(ev))
-    print(f"run saved in {run_dir}")
-    return 0
+    finally:
+        trainer.close()
 
 
 def cmd_eval(args) -> int:
@@ -127,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default="runs/default")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train in N processes (torchrun on this machine: one per GPU, or "
+                        "gloo on CPU); data.batch_size is the total number of streams")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run on held-out documents")

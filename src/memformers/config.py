@@ -53,7 +53,7 @@ class DataConfig:
     corpus: str = "data/stdlib-byte"  # a directory made by `memformers data build`
     mix: list[str] = field(default_factory=list)  # more corpora whose train docs are mixed in
     segment_len: int = 512
-    batch_size: int = 2  # parallel document streams
+    batch_size: int = 2  # parallel document streams, in all (split evenly over processes)
     eval_split: str = "valid"
     eval_max_docs: int = 64  # held-out documents streamed per evaluation (0 = all)
     eval_max_tokens: int = 0  # stop evaluation after this many tokens (0 = no limit)
@@ -80,6 +80,10 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
     init_from: str = ""  # a run dir or model.safetensors to start from (fine-tuning)
     tensorboard: bool = False
+    # multi-process runs (torchrun / --nproc; see train/distributed.py)
+    parallel: str = "ddp"  # "ddp" (replicated weights) | "fsdp" (FSDP2 fully_shard per block)
+    shard_pkm_values: bool = False  # product-key value tables sharded over the processes
+    save_stream_state: bool = True  # checkpoint per-stream memories (exact mid-document resume)
 
 
 @dataclass
@@ -227,6 +231,12 @@ def validate(cfg: RunConfig) -> None:
     _choice(t.precision, ("auto", "fp32", "bf16"), "train.precision")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"train.device must be auto, cpu or cuda[:N], got '{t.device}'")
+    _choice(t.parallel, ("ddp", "fsdp"), "train.parallel")
+    _check(not t.shard_pkm_values or m.pkm.layers,
+           "train.shard_pkm_values needs product-key memory layers (model.pkm.layers)")
+    _check(not m.pkm.sparse or (t.parallel == "ddp" and not t.shard_pkm_values),
+           "model.pkm.sparse=true cannot be combined with train.parallel='fsdp' or "
+           "train.shard_pkm_values: FSDP2 has no sparse gradients")
     _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0,
            "data.eval_max_docs and data.eval_max_tokens must be >= 0")
 

@@ -13,9 +13,14 @@ every per-stream memory is reset.
      row 1: [b0 b1] [b2 . ] [c0 c1] [c2 c3] ...
 
 The queue is a seeded permutation of the documents per epoch (``seed +
-epoch``); with ``world_size > 1`` every rank computes the same permutation
-and takes positions ``rank::world_size``. The stream's position is a small
-JSON-able ``state_dict`` for exact resumption.
+epoch``). With ``world_size > 1`` (distributed training) ``batch_size`` is
+the GLOBAL number of streams: every rank runs the same bookkeeping for all
+of them (document order, offsets: a few integers per stream) and materialises
+only its own rows ``rank * b .. (rank + 1) * b - 1`` with ``b = batch_size /
+world_size``. So every document is read by exactly one stream, hence by
+exactly one rank, per epoch, and the union of the ranks' rows is exactly the
+single-process batch. The stream's position is a small JSON-able
+``state_dict``, the same on every rank and independent of the world size.
 """
 
 from __future__ import annotations
@@ -70,10 +75,15 @@ class DocumentStreams:
         if not 0 <= rank < world_size:
             raise MemformersError(f"rank must be in [0, world_size), got rank {rank} of "
                                   f"{world_size}")
+        if batch_size % world_size:
+            raise MemformersError(f"data.batch_size ({batch_size}) is the global number of "
+                                  f"streams and must be divisible by the {world_size} ranks")
         self.split = split
         self.batch_size, self.segment_len = batch_size, segment_len
         self.shuffle, self.seed, self.loop = shuffle, seed, loop
         self.rank, self.world_size = rank, world_size
+        per_rank = batch_size // world_size
+        self.rows = range(rank * per_rank, (rank + 1) * per_rank)  # this rank's streams
 
         # the documents one epoch visits (over all ranks): at least 2 tokens each
         candidates = range(split.n_docs) if doc_indices is None else doc_indices
@@ -87,10 +97,8 @@ class DocumentStreams:
         if len(self.docs) == 0:
             raise MemformersError(f"no documents with at least {min_len} tokens in the "
                                   f"{split.split} split to stream")
-        if loop and len(self.docs) <= rank:
-            raise MemformersError(f"rank {rank} gets no documents: only {len(self.docs)} "
-                                  f"documents for {world_size} ranks")
         self.tokens_per_epoch = int((lengths[self.docs] - 1).sum())  # targets, all ranks
+        self._lengths = lengths
 
         self.epoch = 0
         self._order = self._epoch_order(0)
@@ -102,18 +110,18 @@ class DocumentStreams:
     # ------------------------------------------------------------------ queue
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        """This rank's documents for ``epoch``, in visiting order."""
+        """The documents of ``epoch``, in visiting order (the same on every rank)."""
         order = self.docs
         if self.shuffle:
             order = order[np.random.default_rng(self.seed + epoch).permutation(len(order))]
-        return order[self.rank::self.world_size]
+        return order
 
     def _next_doc(self) -> int:
         """Pop the next document from the shared queue (-1 if exhausted and not looping)."""
         while self._pos >= len(self._order):
             if not self.loop:
                 return -1
-            self.epoch += 1  # a rank's shard can be empty for an epoch: keep going
+            self.epoch += 1
             self._order = self._epoch_order(self.epoch)
             self._pos = 0
         doc = int(self._order[self._pos])
@@ -136,29 +144,30 @@ class DocumentStreams:
             self._done = True
             raise StopIteration
 
-        B, L = self.batch_size, self.segment_len
+        B, L, first = len(self.rows), self.segment_len, self.rows.start
         tokens = np.zeros((B, L), dtype=np.int64)
         targets = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
         doc_pos = np.full((B, L), -1, dtype=np.int64)
         new_doc = np.zeros(B, dtype=bool)
-        doc_ids = np.array(self._stream_doc, dtype=np.int64)
+        doc_ids = np.array(self._stream_doc[first:first + B], dtype=np.int64)
         offsets, data = self.split.offsets, self.split.tokens
-        for b in range(B):
-            doc = self._stream_doc[b]
+        for g in range(self.batch_size):  # every global stream advances; own rows are read
+            doc = self._stream_doc[g]
             if doc < 0:
                 continue  # idle row (evaluation ran out of documents)
-            start, n = int(offsets[doc]), int(offsets[doc + 1] - offsets[doc])
-            off = self._stream_off[b]
+            n, off = int(self._lengths[doc]), self._stream_off[g]
             k = min(L, n - 1 - off)  # predictions in this segment
-            seg = data[start + off:start + off + k + 1]  # (k + 1,) inputs + last target
-            tokens[b, :k] = seg[:k]
-            targets[b, :k] = seg[1:]
-            doc_pos[b, :k] = np.arange(off, off + k)
-            new_doc[b] = off == 0
+            if g in self.rows:
+                b, start = g - first, int(offsets[doc])
+                seg = data[start + off:start + off + k + 1]  # (k + 1,) inputs + last target
+                tokens[b, :k] = seg[:k]
+                targets[b, :k] = seg[1:]
+                doc_pos[b, :k] = np.arange(off, off + k)
+                new_doc[b] = off == 0
             if off + k >= n - 1:
-                self._stream_doc[b] = -1  # finished: next document at the next step
+                self._stream_doc[g] = -1  # finished: next document at the next step
             else:
-                self._stream_off[b] = off + k
+                self._stream_off[g] = off + k
         return Batch(
             tokens=torch.from_numpy(tokens),
             targets=torch.from_numpy(targets),
@@ -170,10 +179,9 @@ class DocumentStreams:
 
     # ------------------------------------------------------------------ resume
 
-    def _signature(self) -> dict:
+    def _signature(self) -> dict:  # the rank and world size are not part of the state
         return {"batch_size": self.batch_size, "segment_len": self.segment_len,
                 "shuffle": self.shuffle, "seed": self.seed, "loop": self.loop,
-                "rank": self.rank, "world_size": self.world_size,
                 "n_docs": len(self.docs), "tokens_per_epoch": self.tokens_per_epoch}
 
     def state_dict(self) -> dict:

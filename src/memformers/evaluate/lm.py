@@ -6,6 +6,10 @@ target token is scored once. Reports token-level loss, perplexity and bits
 per byte overall and by position in document, where memory should show.
 
     bits/byte = sum(nll) / (ln 2 * sum(bytes of target tokens))
+
+With ``world_size > 1`` (called by every rank of a distributed run) each rank
+streams its own rows of the global ``batch_size`` streams and the sums are
+all-reduced, so every rank returns the single-process numbers.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.distributed
 from tqdm import tqdm
 
 from memformers.data.streaming import DocumentStreams
@@ -50,18 +55,20 @@ def _summary(nll: float, n_tok: int, n_bytes: int) -> dict:
 @torch.no_grad()
 def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segment_len: int,
                 max_docs: int = 0, max_tokens: int = 0, buckets=POSITION_BUCKETS,
-                record_docs: tuple[int, ...] = (), autocast=None, progress: bool = True) -> dict:
+                record_docs: tuple[int, ...] = (), autocast=None, progress: bool = True,
+                rank: int = 0, world_size: int = 1) -> dict:
     """Stream held-out documents of ``split``; see module docstring.
 
     ``record_docs``: document indices whose per-token losses are returned
-    (for per-token loss-difference plots).
+    (for per-token loss-difference plots; only documents of this rank's streams).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
-                              doc_indices=list(range(n_docs)))
+                              doc_indices=list(range(n_docs)), rank=rank,
+                              world_size=world_size)
     edges = torch.tensor(buckets[1:], device=device)
     tbytes = torch.as_tensor(np.asarray(token_bytes), device=device, dtype=torch.float64)
     n_b = len(buckets)
@@ -76,7 +83,7 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
     seen = 0
     with preserved_state(model):
-        model.allocate_state(batch_size, device)
+        model.allocate_state(len(streams.rows), device)
         for batch in streams:
             tokens, targets = batch.tokens.to(device), batch.targets.to(device)
             with ctx:
@@ -95,13 +102,19 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
             for row, doc in enumerate(batch.doc_ids.tolist()):
                 if doc in recorded:
                     recorded[doc].append(nll[row][valid[row]].float().cpu().numpy())
-            n = int(valid.sum())
+            n = valid.sum()
+            if world_size > 1:  # ranks step in lockstep: all see the same global count
+                torch.distributed.all_reduce(n)
+            n = int(n)
             seen += n
             bar.update(n)
             if max_tokens and seen >= max_tokens:
                 break
     bar.close()
     model.train(was_training)
+    if world_size > 1:
+        for t in (nll_sum, tok_sum, byte_sum):
+            torch.distributed.all_reduce(t)
     nll_l, tok_l, byte_l = nll_sum.tolist(), tok_sum.tolist(), byte_sum.tolist()
     out = _summary(sum(nll_l), int(sum(tok_l)), int(sum(byte_l)))
     out["documents"] = n_docs

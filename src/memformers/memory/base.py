@@ -19,6 +19,13 @@ from memformers.memory.state import StreamState
 
 
 class AttentionMemory(StreamState, nn.Module):
+    # True when a forward may leave some parameters without a gradient (e.g. a gate
+    # that is skipped while the memory is empty): DDP then searches for unused ones.
+    may_skip_parameters = False
+    # Set under FSDP2, which needs a gradient (zero if need be) for every parameter on
+    # every rank: the memory then keeps skipped parameters in the graph.
+    touch_skipped_parameters = False
+
     def transform_qk(
         self, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float | None]:

@@ -31,6 +31,8 @@ from memformers.memory.knn_store import KNNStore, knn_footprint_bytes
 
 
 class KNNMemoryAttention(AttentionMemory):
+    may_skip_parameters = True  # the gate is unused while every memory is empty
+
     def __init__(self, cfg: KNNConfig, *, n_heads: int, head_dim: int, d_model: int):
         super().__init__()
         if cfg.scale_init <= 0:
@@ -55,6 +57,8 @@ class KNNMemoryAttention(AttentionMemory):
         out = local_out
         if not self.store.is_empty():
             out = self._read(q, local_out)
+        elif self.touch_skipped_parameters:  # FSDP2: a zero gradient for the unused gate
+            out = local_out + 0.0 * self.gate.sum().to(local_out.dtype)
         if commit:
             self.store.write(k, v, mask)
         return out

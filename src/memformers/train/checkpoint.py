@@ -1,13 +1,17 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable checkpoints, written by one process or by every rank of a run.
 
 A checkpoint is a directory ``checkpoints/step_NNNNNNN`` holding
-  model.safetensors   parameters
-  streams.safetensors per-stream state (XL cache, memories) so resuming
-                      mid-document is exact
-  optim.pt            optimiser state (loaded with ``weights_only=True``)
-  meta.json           step, data-stream position, RNG states, metrics
-  COMMIT              written last: a directory without it is torn, never loaded
-Everything is written into ``step_NNNNNNN.tmp``, fsynced, then renamed.
+  model.safetensors         parameters (rank 0; gathered whole under FSDP2)
+  optim.pt                  optimiser state (rank 0; loaded with ``weights_only=True``)
+  meta.json                 step, data-stream position (global: the same on every
+                            rank), world size, what was saved (rank 0)
+  streams-rank{r}.safetensors  written by rank r: its RNG states and, when
+                            ``train.save_stream_state``, the per-stream state of its
+                            streams (XL cache, memories) so resuming mid-document is exact
+  COMMIT                    written last, by rank 0 after every rank has finished:
+                            a directory without it is torn, never loaded
+Everything is written into ``step_NNNNNNN.tmp``, fsynced, then renamed. With
+several ranks the run directory must be on a filesystem they all see.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from memformers.errors import MemformersError
@@ -49,10 +54,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers with shared (tied) tensors stored once."""
+def model_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's state dict as contiguous CPU tensors, shared (tied) tensors stored once."""
     out, seen = {}, {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = (t.data_ptr(), t.shape, t.dtype)
         if t.numel() and key in seen:
             continue
@@ -61,11 +66,15 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: torch.nn.Module, path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(model_tensors(model), str(tmp))
+    save_file(tensors, str(tmp))
     _fsync_file(tmp)
     os.replace(tmp, path)
+
+
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    save_tensors(model_tensors(model.state_dict()), path)
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> list[str]:
@@ -84,41 +93,54 @@ def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) 
     return missing
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizers, stream_tensors: dict,
-                    data_state: dict, extra: dict | None = None, keep: int = 2) -> Path:
+def _rank_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"streams-rank{rank}.safetensors"
+
+
+def save_checkpoint(run_dir: Path, step: int, *, rank: int = 0, barrier=lambda: None,
+                    model_state: dict | None, optim_state, stream_tensors: dict,
+                    meta: dict, keep: int = 2) -> Path:
+    """Write one checkpoint; every rank calls it (``barrier`` synchronises them).
+
+    Rank 0 passes ``model_state``, ``optim_state`` and ``meta`` (step, data
+    state, ...); every rank passes the stream tensors of its own streams.
+    """
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f"step_{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
+    r, np_state = random.getstate(), np.random.get_state()
+    host_rng = {"python_random": [r[0], list(r[1]), r[2]],
+                "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     save_file({**{f"stream.{k}": v for k, v in stream_tensors.items()},
-               **{f"rng.{k}": v for k, v in rng.items()}}, str(tmp / "streams.safetensors"))
-    torch.save([o.state_dict() for o in optimizers], tmp / "optim.pt")
-    np_state = np.random.get_state()
-    meta = {
-        "step": step,
-        "data_state": data_state,
-        "python_random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        **(extra or {}),
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    (tmp / COMMIT).write_text(str(step))
-    _fsync_file(tmp / COMMIT)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    for old in sorted(p for p in ckpt_root.glob("step_*") if p.suffix != ".tmp")[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+               **{f"rng.{k}": v for k, v in rng.items()}}, str(_rank_file(tmp, rank)),
+              metadata={"host_rng": json.dumps(host_rng)})
+    _fsync_file(_rank_file(tmp, rank))
+    if rank == 0:
+        save_file(model_tensors(model_state), str(tmp / "model.safetensors"))
+        torch.save(optim_state, tmp / "optim.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}))
+        for name in ("model.safetensors", "optim.pt", "meta.json"):
+            _fsync_file(tmp / name)
+    barrier()  # every rank's file is on disk
+    if rank == 0:
+        (tmp / COMMIT).write_text(str(step))
+        _fsync_file(tmp / COMMIT)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        for old in sorted(p for p in ckpt_root.glob("step_*") if p.suffix != ".tmp")[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()  # nobody goes on (or exits) before the checkpoint is committed
     return final
 
 
@@ -130,25 +152,40 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
 
 
-def load_checkpoint(ckpt: Path, *, model, optimizers) -> tuple[dict, dict]:
-    """Restore model, optimisers and RNG; returns (meta, stream_tensors)."""
+def read_checkpoint(ckpt: Path) -> tuple[dict, object]:
+    """(meta, optimiser state) of a committed checkpoint."""
     if not (ckpt / COMMIT).is_file():
         raise MemformersError(f"checkpoint {ckpt} is incomplete (no COMMIT marker)")
-    load_model_weights(model, ckpt / "model.safetensors")
     try:
-        states = torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu")
         meta = json.loads((ckpt / "meta.json").read_text())
-        saved = load_file(str(ckpt / "streams.safetensors"))
+        optim = torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu")
     except Exception as e:
         raise MemformersError(f"checkpoint {ckpt} is corrupt: {e}") from None
-    for opt, st in zip(optimizers, states):
-        opt.load_state_dict(st)
+    meta.setdefault("world_size", 1)  # checkpoints written before multi-process runs
+    return meta, optim
+
+
+def load_rank_state(ckpt: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """Restore this rank's RNG states; returns its stream tensors (None: no file)."""
+    path = _rank_file(ckpt, rank)
+    if not path.is_file() and rank == 0 and (ckpt / "streams.safetensors").is_file():
+        path = ckpt / "streams.safetensors"  # written before multi-process runs
+    if not path.is_file():
+        return None
+    try:
+        saved = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            host = (f.metadata() or {}).get("host_rng")
+    except Exception as e:
+        raise MemformersError(f"checkpoint file {path} is corrupt: {e}") from None
     torch.set_rng_state(saved["rng.torch"])
     if "rng.cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng.cuda"])
-    r = meta["python_random"]
+    if host is None:  # older checkpoints kept the host RNG states in meta.json
+        host = (ckpt / "meta.json").read_text()
+    host_rng = json.loads(host)
+    r = host_rng["python_random"]
     random.setstate((r[0], tuple(r[1]), r[2]))
-    s = meta["numpy_random"]
+    s = host_rng["numpy_random"]
     np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
-    streams = {k[len("stream."):]: v for k, v in saved.items() if k.startswith("stream.")}
-    return meta, streams
+    return {k[len("stream."):]: v for k, v in saved.items() if k.startswith("stream.")}

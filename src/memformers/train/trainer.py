@@ -5,6 +5,11 @@ segments per stream. Gradients flow through carried state inside a window
 (backpropagation through time, e.g. Infini-attention); the state is detached
 at the end of each window. Checkpoints fall on window boundaries, so a run
 resumed with ``--resume`` continues exactly as if never interrupted.
+
+Under torchrun every rank runs this trainer on its own streams (see
+``train.distributed``): a window's loss is normalised by the GLOBAL number of
+target tokens, so the averaged gradients equal the single-process gradients of
+the same global batch; rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -34,23 +39,21 @@ from memformers.memory.state import (
 )
 from memformers.model import MemformerLM, lm_loss
 from memformers.pretrained import resolve_weights
+from memformers.train import distributed as D
 from memformers.train.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
-    load_checkpoint,
     load_model_weights,
+    load_rank_state,
+    model_tensors,
+    read_checkpoint,
     save_checkpoint,
-    save_model,
+    save_tensors,
 )
+from memformers.train.distributed import resolve_device
 from memformers.train.optim import build_optimizers, set_lr
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MemformersError(f"train.device={name} but no CUDA device is available")
-    return torch.device(name)
+__all__ = ["Trainer", "WindowLoss", "autocast_for", "gate_report", "resolve_device"]
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -66,8 +69,9 @@ def gate_report(model: torch.nn.Module) -> dict[str, list[float]]:
     for name, m in model.named_modules():
         if isinstance(m, AttentionMemory):
             g = m.gate_values()
-            if g is not None:
-                out[name.replace(".attn.memory", "")] = [round(float(x), 4) for x in g]
+            if g is not None:  # FSDP2 shards gates: gathered (every rank calls this)
+                out[name.replace(".attn.memory", "")] = [round(float(x), 4)
+                                                         for x in D.full_tensor(g)]
     return out
 
 
@@ -102,11 +106,34 @@ def check_memory_budget(model_cfg, batch_size: int, n_params: int) -> int:
     return need
 
 
+class WindowLoss(torch.nn.Module):
+    """One window -- ``bptt_segments`` consecutive segments -- as ONE forward.
+
+    Returns (summed token loss + auxiliary losses, target tokens). DDP wraps this
+    module rather than the LM, so one forward/backward pair covers the window and
+    DDP's unused-parameter search sees every segment's graph.
+    """
+
+    def __init__(self, model: MemformerLM, autocast, world_size: int = 1):
+        super().__init__()
+        self.model, self.autocast, self.world_size = model, autocast, world_size
+
+    def forward(self, segments: list[tuple[torch.Tensor, ...]]):
+        total, n_tok = 0, 0
+        for tokens, targets, new_doc, mask in segments:
+            with self.autocast:
+                logits = self.model(tokens, new_doc=new_doc, mask=mask)
+            # auxiliary losses are means over a rank's tokens: averaged over ranks
+            total = total + lm_loss(logits, targets, reduction="sum") \
+                + aux_losses(self.model) / self.world_size
+            n_tok += int((targets != -100).sum())
+        return total, n_tok
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool = True):
         self.run_dir = Path(run_dir)
-        self.progress = progress
         self.corpus_dir = Path(cfg.data.corpus)
         manifest = open_corpus_manifest(self.corpus_dir)
         self.tokenizer = load_tokenizer(self.corpus_dir)
@@ -119,89 +146,129 @@ class Trainer:
             raise MemformersError(f"{self.run_dir} already holds a run; pass --resume to "
                                   "continue it or choose another --run-dir")
         self.cfg = cfg
-        t = cfg.train
-        self.device = resolve_device(t.device)
+        t, B = cfg.train, cfg.data.batch_size
+        self.dist = env = D.init_distributed(t.device)
+        if B % env.world_size:
+            raise MemformersError(f"data.batch_size ({B}) is the global number of streams and "
+                                  f"must be divisible by the number of processes "
+                                  f"({env.world_size})")
+        self.progress = progress and env.is_main
+        self.device = env.device
         self.autocast = autocast_for(self.device, t.precision)
         with torch.device("meta"):  # count parameters without allocating them
             n_params = MemformerLM(cfg.model).num_parameters()
-        self.state_need = check_memory_budget(cfg.model, cfg.data.batch_size, n_params)
+        self.state_need = check_memory_budget(cfg.model, B // env.world_size, n_params)
         torch.manual_seed(t.seed)
         self.model = MemformerLM(cfg.model).to(self.device)
-        if t.init_from and not resume:
-            self._init_from(t.init_from)
-        self.optimizers = build_optimizers(self.model, t)
-        self.train_split = CorpusSplit.concat(
-            [CorpusSplit.open(d, "train") for d in [self.corpus_dir, *cfg.data.mix]])
-        self.eval_split = CorpusSplit.open(self.corpus_dir, cfg.data.eval_split)
-        self.stream = DocumentStreams(self.train_split, cfg.data.batch_size, cfg.data.segment_len,
-                                      shuffle=True, seed=t.seed, loop=True,
-                                      min_doc_tokens=cfg.data.min_doc_tokens)
-        self.model.allocate_state(cfg.data.batch_size, self.device)
-        self.step = 0
-        self.tokens_seen = 0
+        if env.world_size > 1:
+            torch.manual_seed(t.seed + env.rank)  # same init everywhere, own dropout masks
+        self.sharded = D.is_sharded(t, env)
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
                 raise MemformersError(
                     f"nothing to resume: no complete checkpoint in {self.run_dir}")
-            meta, streams = load_checkpoint(ckpt, model=self.model, optimizers=self.optimizers)
+            meta, optim_state = read_checkpoint(ckpt)
+            self._check_resumable(ckpt, meta)
+            load_model_weights(self.model, ckpt / "model.safetensors")
+        elif t.init_from:
+            self._init_from(t.init_from)
+        self.window = WindowLoss(self.model, self.autocast, env.world_size)
+        self.wrapped = D.wrap(self.window, self.model, t, env)  # FSDP2 shards self.model
+        self.optimizers = build_optimizers(self.model, t)
+        self.train_split = CorpusSplit.concat(
+            [CorpusSplit.open(d, "train") for d in [self.corpus_dir, *cfg.data.mix]])
+        self.eval_split = CorpusSplit.open(self.corpus_dir, cfg.data.eval_split)
+        self.stream = DocumentStreams(self.train_split, B, cfg.data.segment_len,
+                                      shuffle=True, seed=t.seed, loop=True,
+                                      min_doc_tokens=cfg.data.min_doc_tokens,
+                                      rank=env.rank, world_size=env.world_size)
+        self.model.allocate_state(B // env.world_size, self.device)
+        self.step = 0
+        self.tokens_seen = 0
+        if resume:
+            D.load_optimizer_state(self.model, self.optimizers, optim_state, self.sharded)
             self.step, self.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
             self.stream.load_state_dict(meta["data_state"])
-            load_collected_state_tensors(self.model, streams)
-        else:
+            streams = load_rank_state(ckpt, env.rank)
+            if streams:
+                load_collected_state_tensors(self.model, streams)
+        elif env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(saved_cfg, json.dumps(to_dict(cfg), indent=2))
             atomic_write_text(self.run_dir / "corpus.json", json.dumps(manifest, indent=2))
             tok_file = self.corpus_dir / "tokenizer.json"
             if tok_file.is_file():  # a BPE tokenizer is saved with the run
                 shutil.copy(tok_file, self.run_dir / "tokenizer.json")
+        env.barrier()
         self._stop = False
+
+    def _check_resumable(self, ckpt: Path, meta: dict) -> None:
+        world, saved_world = self.dist.world_size, meta["world_size"]
+        if meta.get("stream_state", True) and saved_world != world:
+            raise MemformersError(
+                f"{ckpt} holds the per-stream memories of {saved_world} process(es), each "
+                f"its own streams; resume it with {saved_world} (--nproc {saved_world}), "
+                f"not {world}")
+        if (meta.get("optim_format") == "dcp-full") != self.sharded:
+            raise MemformersError(f"{ckpt} was written with other train.parallel / "
+                                  "train.shard_pkm_values settings; resume with the same")
 
     def _init_from(self, value: str) -> None:
         weights = resolve_weights(value)
         missing = load_model_weights(self.model, weights, strict=False)
-        if missing:
+        if missing and self.dist.is_main:
             tqdm.write(f"init_from {weights}: new parameters left at init: {len(missing)} "
                        f"tensors ({', '.join(sorted({m.split('.')[-1] for m in missing}))})")
+
+    def close(self) -> None:
+        """Leave the process group (a no-op in a single process)."""
+        D.close_distributed(self.dist)
 
     # ------------------------------------------------------------------ loop
 
     def describe(self) -> str:
-        c = self.cfg
+        c, env = self.cfg, self.dist
         n = self.model.num_parameters()
         mech = [k for k in ("knn", "pkm", "infini", "continuous")
                 if getattr(c.model, k).layers]
-        return (f"model: {n / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
+        text = (f"model: {n / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
                 f"{c.model.d_model}, xl_cache={c.model.xl_cache}, memory: "
                 f"{', '.join(mech) or 'none'}; estimated footprint "
                 f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)")
+        if env.enabled:
+            shard = " + sharded PKM values" if c.train.shard_pkm_values else ""
+            text += (f"\n{env.world_size} processes ({c.train.parallel}{shard}, "
+                     f"{D.backend()} on {self.device.type}), "
+                     f"{c.data.batch_size // env.world_size} of "
+                     f"{c.data.batch_size} streams and their memories each")
+        return text
 
-    def train_window(self) -> tuple[float, int]:
-        """bptt_segments consecutive segments, one backward; returns (loss sum, tokens)."""
-        losses, n_tok = [], 0
+    def train_window(self, sync: bool = True) -> tuple[float, int]:
+        """bptt_segments consecutive segments, one backward; returns the (loss sum,
+        tokens) of the whole global batch. ``sync=False``: no gradient communication."""
+        segments = []
         for _ in range(self.cfg.train.bptt_segments):
             b = next(self.stream)
-            tokens, targets = b.tokens.to(self.device), b.targets.to(self.device)
-            with self.autocast:
-                logits = self.model(tokens, new_doc=b.new_doc.to(self.device),
-                                    mask=b.mask.to(self.device))
-            n = int((targets != -100).sum())
-            losses.append(lm_loss(logits, targets, reduction="sum") + aux_losses(self.model))
-            n_tok += n
-        total = sum(losses)
-        scale = self.cfg.train.grad_accum * max(n_tok, 1)
-        (total / scale).backward()
+            segments.append(tuple(x.to(self.device)
+                                  for x in (b.tokens, b.targets, b.new_doc, b.mask)))
+        with D.gradient_sync(self.wrapped, self.model, sync):
+            total, n_tok = self.wrapped(segments)
+            loss_sum, n_global = self.dist.sum([float(total.detach()), n_tok])
+            # mean over the global batch's tokens: DDP/FSDP average over ranks, hence x N
+            scale = self.cfg.train.grad_accum * max(n_global, 1) / self.dist.world_size
+            (total / scale).backward()
         self.model.detach_state()
-        return float(total.detach()), n_tok
+        return loss_sum, int(n_global)
 
     def _handle_sigterm(self, *_):
         self._stop = True
 
     def run(self) -> dict:
-        t = self.cfg.train
+        t, main = self.cfg.train, self.dist.is_main
         metrics_path = self.run_dir / "metrics.jsonl"
         tb = None
-        if t.tensorboard:
+        if t.tensorboard and main:
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(str(self.run_dir / "tb"))
         old = signal.signal(signal.SIGTERM, self._handle_sigterm)
@@ -210,19 +277,20 @@ class Trainer:
         self.model.train()
         t0, tok0 = time.perf_counter(), self.tokens_seen
         last = {}
+        stop = False  # agreed by every rank, so all stop after the same step
         try:
-            while self.step < t.steps and not self._stop:
+            while self.step < t.steps and not stop:
                 lr = set_lr(self.optimizers, self.step, t)
                 loss_sum, n_tok = 0.0, 0
-                for _ in range(t.grad_accum):
-                    ls, n = self.train_window()
+                for i in range(t.grad_accum):
+                    ls, n = self.train_window(sync=i == t.grad_accum - 1)
                     loss_sum, n_tok = loss_sum + ls, n_tok + n
                 if not math.isfinite(loss_sum):
                     raise MemformersError(f"loss is {loss_sum} at step {self.step}; lower "
                                           "train.lr or check the data")
                 dense = [p for p in self.model.parameters()
                          if p.grad is not None and not p.grad.is_sparse]
-                gnorm = torch.nn.utils.clip_grad_norm_(dense, t.grad_clip)
+                gnorm = D.clip_grad_norm(dense, t.grad_clip)
                 for opt in self.optimizers:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -230,7 +298,7 @@ class Trainer:
                 self.tokens_seen += n_tok
                 tok_s = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
                 last = {"step": self.step, "loss": loss_sum / max(n_tok, 1), "lr": lr,
-                        "grad_norm": float(gnorm), "tokens": self.tokens_seen,
+                        "grad_norm": gnorm, "tokens": self.tokens_seen,
                         "tokens_per_s": tok_s}
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -238,42 +306,58 @@ class Trainer:
                     gates = gate_report(self.model)
                     if gates:
                         last["gates"] = gates
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                    if main:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(last) + "\n")
                     if tb:
                         for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
                             tb.add_scalar(f"train/{k}", last[k], self.step)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     ev = self.evaluate()
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
-                    tqdm.write(f"step {self.step}: " + format_eval(ev))
+                    if main:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
+                        tqdm.write(f"step {self.step}: " + format_eval(ev))
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.checkpoint()
+                stop = self.dist.any(self._stop)
         finally:
             signal.signal(signal.SIGTERM, old)
             bar.close()
             if tb:
                 tb.close()
-        if self._stop:  # SIGTERM: save where we are and leave
+        if stop:  # SIGTERM: save where we are and leave
             self.checkpoint()
             return {"stopped_at": self.step, **last}
         self.checkpoint()
-        save_model(self.model, self.run_dir / "model.safetensors")
+        self.save_model(self.run_dir / "model.safetensors")
         return last
 
+    def save_model(self, path: Path) -> None:
+        state = D.full_model_state(self.model, self.sharded)  # gathered under FSDP2
+        if self.dist.is_main:
+            save_tensors(model_tensors(state), path)
+        self.dist.barrier()
+
     def checkpoint(self) -> Path:
+        env, t = self.dist, self.cfg.train
+        model_state = D.full_model_state(self.model, self.sharded)
+        optim_state = D.optimizer_state(self.model, self.optimizers, self.sharded)
+        meta = {"data_state": self.stream.state_dict(), "tokens_seen": self.tokens_seen,
+                "state_bytes_per_stream": state_bytes_per_stream(self.model),
+                "world_size": env.world_size, "stream_state": t.save_stream_state,
+                "optim_format": "dcp-full" if self.sharded else "per-optimizer"}
         return save_checkpoint(
-            self.run_dir, self.step, model=self.model, optimizers=self.optimizers,
-            stream_tensors=collect_state_tensors(self.model),
-            data_state=self.stream.state_dict(),
-            extra={"tokens_seen": self.tokens_seen,
-                   "state_bytes_per_stream": state_bytes_per_stream(self.model)},
-        )
+            self.run_dir, self.step, rank=env.rank, barrier=env.barrier,
+            model_state=model_state, optim_state=optim_state, meta=meta,
+            stream_tensors=collect_state_tensors(self.model) if t.save_stream_state else {})
 
     def evaluate(self, **kw) -> dict:
+        """Held-out evaluation; with several processes each streams its share of the
+        documents and the sums are all-reduced (every rank gets the same result)."""
         d = self.cfg.data
         return evaluate_lm(self.model, self.eval_split, self.tokenizer.token_bytes,
                            batch_size=d.batch_size, segment_len=d.segment_len,
                            max_docs=d.eval_max_docs, max_tokens=d.eval_max_tokens,
-                           autocast=self.autocast, progress=self.progress, **kw)
+                           autocast=self.autocast, progress=self.progress,
+                           rank=self.dist.rank, world_size=self.dist.world_size, **kw)
