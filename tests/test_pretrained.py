@@ -33,3 +33,21 @@ def test_bad_init_from_is_a_clear_error(tmp_path):
         resolve_weights(str(tmp_path / "nothing"))
     with pytest.raises(MemformersError, match="no shipped weights"):
         shipped_weights("gpt-17")
+
+
+def test_passkey_knn_retrieves_beyond_the_window_only_with_its_memory():
+    """The shipped passkey model: needle ~900 tokens back, window = 2 x 256 tokens."""
+    from memformers.data.tokenizer import ByteTokenizer
+    from memformers.evaluate.passkey import evaluate_passkey
+    from memformers.pretrained import load_shipped_model
+
+    record = shipped_record("passkey-knn")
+    assert hashlib.sha256(shipped_weights("passkey-knn").read_bytes()).hexdigest() == \
+        record["sha256"]
+    acc = {}
+    for capacity in (4096, 0):
+        cfg, model = load_shipped_model("passkey-knn", [f"model.knn.capacity={capacity}"])
+        r = evaluate_passkey(model, ByteTokenizer(), [1024], [0.0], samples_per_cell=2,
+                             segment_len=cfg.data.segment_len, progress=False, seed=7)
+        acc[capacity] = r["accuracy"][0][0]
+    assert acc == {4096: 1.0, 0: 0.0}

@@ -4,6 +4,11 @@
 Transformer-XL pretrained on one GPU on the grouped standard-library corpus;
 its record (``assets/demo-base.json``) holds the command, the sha256 and the
 held-out figures. ``train.init_from = "demo-base"`` starts a run from it.
+
+``passkey-knn``: demo-base with a 65K kNN memory, fine-tuned on GPU for 1,500
+steps on passkey prompts of <= 4K tokens (scripts/passkey_finetune.py); it
+retrieves the key from 64K-256K tokens. Its record holds the model config,
+so ``load_shipped_model("passkey-knn")`` needs no config file.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from memformers.errors import MemformersError
 
 ASSETS = Path(__file__).parent / "assets"
-SHIPPED = ("demo-base",)
+SHIPPED = ("demo-base", "passkey-knn")
 
 
 def shipped_record(name: str) -> dict:
@@ -48,3 +53,22 @@ def resolve_weights(value: str) -> Path:
         raise MemformersError(f"train.init_from: no weights at {weights} (a run directory, a "
                               f".safetensors file or one of: {', '.join(SHIPPED)})")
     return weights
+
+
+def load_shipped_model(name: str, overrides: list[str] = (), device="cpu"):
+    """(RunConfig, MemformerLM in eval mode) of shipped weights whose record holds "model".
+
+    ``overrides`` are ``model.key=value`` settings (e.g. ``model.knn.capacity=0``).
+    """
+    from memformers.config import apply_overrides, config_from_dict
+    from memformers.model import MemformerLM
+    from memformers.train.checkpoint import load_model_weights
+
+    record = shipped_record(name)
+    if "model" not in record:
+        raise MemformersError(f"shipped weights '{name}' have no model config in their record")
+    raw = {"model": record["model"], "data": {"segment_len": record["segment_len"]}}
+    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
+    model = MemformerLM(cfg.model).to(device)
+    load_model_weights(model, shipped_weights(name))
+    return cfg, model.eval()
