@@ -19,6 +19,7 @@ V = V_c exactly, so ``capacity = 0`` is the plain (XL) model with normalised q/k
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -96,11 +97,20 @@ class KNNMemoryAttention(AttentionMemory):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.store.state_tensors()
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
         if not tensors:
             self.store.allocate(self.store.batch_size, self.store.device)
             return
-        self.store.load_state_tensors(tensors)
+        self.store.load_state_tensors(tensors, copy=copy)
+
+    def set_capacity(self, capacity: int) -> None:
+        """Empty memories of ``capacity`` rows per (stream, head), e.g. a saved memory's."""
+        if capacity < 0:
+            raise MemformersError(f"knn capacity must be >= 0, got {capacity}")
+        batch, device = self.store.batch_size, self.store.device
+        self.cfg = dataclasses.replace(self.cfg, capacity=capacity)
+        self.store = KNNStore(self.cfg, self.n_heads, self.head_dim)
+        self.store.allocate(batch, device)
 
     def state_bytes_per_stream(self) -> int:
         return knn_footprint_bytes(self.cfg, self.n_heads, self.head_dim, 1, 1)
