@@ -2,7 +2,7 @@
 
 A memory on disk is a directory::
 
-    memory.json          manifest: kind, layers, batch rows, kNN capacity, tokens
+    memory.json          manifest: kind, layers, batch rows, kNN capacity and dtype, tokens
                          written per row, the fingerprint of the weights that made it
     memory.safetensors   every memory layer's state, "<layer>.<name>": kNN count (B,),
                          keys and values (B, Hkv, C, d); Infini M (B, H, d, d), z (B, H, d)
@@ -71,6 +71,7 @@ def save_memory(model: torch.nn.Module, path: str | Path, extra: dict | None = N
         "format": FORMAT, "version": VERSION, "kind": kind, "layers": [i for i, _ in layers],
         "rows": layers[0][1].rows(),
         "capacity": layers[0][1].memory.cfg.capacity if kind == "knn" else None,
+        "storage_dtype": layers[0][1].memory.cfg.storage_dtype if kind == "knn" else None,
         "tokens_written": tokens, "fingerprint": fingerprint(model),
         "model_type": model.config.model_type, **(extra or {}),
     }
@@ -129,8 +130,7 @@ def load_memory(model: torch.nn.Module, path: str | Path, strict: bool = True) -
         tensors = {k.split(".", 1)[1]: t for k, t in saved.items() if k.split(".", 1)[0] == str(i)}
         device = next(layer.memory.parameters()).device
         if kind == "knn":
-            if manifest["capacity"] != layer.memory.cfg.capacity:
-                layer.memory.set_capacity(manifest["capacity"])
+            layer.memory.set_storage(manifest["capacity"], manifest["storage_dtype"])
             layer.memory.store.allocate(rows, device)
             if tensors:
                 layer.memory.load_state_tensors(tensors, copy=False)
@@ -144,7 +144,7 @@ def load_memory(model: torch.nn.Module, path: str | Path, strict: bool = True) -
 # --------------------------------------------------------------------------- the model
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -175,7 +175,7 @@ def load_pretrained(path: str | Path, **from_pretrained_kwargs) -> torch.nn.Modu
     add_memory(model, kind=settings["kind"], **options)
     wanted = {n: t for n, t in model.state_dict().items() if ".memory." in n}
     found = {}
-    for file in _weight_files(p):
+    for file in weight_files(p):
         with safe_open(str(file), framework="pt") as f:
             found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
     missing = sorted(set(wanted) - set(found))

@@ -103,12 +103,14 @@ class KNNMemoryAttention(AttentionMemory):
             return
         self.store.load_state_tensors(tensors, copy=copy)
 
-    def set_capacity(self, capacity: int) -> None:
-        """Empty memories of ``capacity`` rows per (stream, head), e.g. a saved memory's."""
+    def set_storage(self, capacity: int, storage_dtype: str | None = None) -> None:
+        """Empty memories of ``capacity`` rows per (stream, head) (and ``storage_dtype``),
+        e.g. those of a saved memory."""
         if capacity < 0:
             raise MemformersError(f"knn capacity must be >= 0, got {capacity}")
         batch, device = self.store.batch_size, self.store.device
-        self.cfg = dataclasses.replace(self.cfg, capacity=capacity)
+        self.cfg = dataclasses.replace(self.cfg, capacity=capacity,
+                                       storage_dtype=storage_dtype or self.cfg.storage_dtype)
         self.store = KNNStore(self.cfg, self.n_heads, self.head_dim)
         self.store.allocate(batch, device)
 

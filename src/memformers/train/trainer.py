@@ -32,7 +32,7 @@ from memformers.memory.state import (
     load_collected_state_tensors,
     state_bytes_per_stream,
 )
-from memformers.model import MemformerLM, lm_loss
+from memformers.model import MemformerLM, build_model, lm_loss
 from memformers.pretrained import resolve_weights
 from memformers.train.checkpoint import (
     atomic_write_text,
@@ -81,14 +81,19 @@ def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
     return total
 
 
-def check_memory_budget(model_cfg, batch_size: int, n_params: int) -> int:
-    """Estimate bytes needed (weights, grads, Adam, per-stream state) and refuse impossible runs."""
+def check_memory_budget(model_cfg, batch_size: int, n_params: int,
+                        knn_dims: tuple[int, int] | None = None) -> int:
+    """Estimate bytes needed (weights, grads, Adam, per-stream state) and refuse impossible runs.
+
+    ``knn_dims``: (heads, head dim) of the kNN memories when they are not the
+    config's (a Hugging Face model)."""
     need = n_params * 4 * 4  # weights + grads + 2 Adam moments
     if model_cfg.knn.layers:
         from memformers.memory.knn import knn_footprint_bytes
 
-        need += knn_footprint_bytes(model_cfg.knn, model_cfg.n_heads, model_cfg.head_dim,
-                                    batch_size, len(model_cfg.knn.layers))
+        heads, head_dim = knn_dims or (model_cfg.n_heads, model_cfg.head_dim)
+        need += knn_footprint_bytes(model_cfg.knn, heads, head_dim, batch_size,
+                                    len(model_cfg.knn.layers))
     try:
         import os
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -122,11 +127,18 @@ class Trainer:
         t = cfg.train
         self.device = resolve_device(t.device)
         self.autocast = autocast_for(self.device, t.precision)
-        with torch.device("meta"):  # count parameters without allocating them
-            n_params = MemformerLM(cfg.model).num_parameters()
-        self.state_need = check_memory_budget(cfg.model, cfg.data.batch_size, n_params)
-        torch.manual_seed(t.seed)
-        self.model = MemformerLM(cfg.model).to(self.device)
+        if cfg.model.hf_path:  # a Hugging Face model (memformers.hf.lm), on the CPU first
+            torch.manual_seed(t.seed)
+            model = build_model(cfg.model, self.tokenizer)
+            self.state_need = check_memory_budget(cfg.model, cfg.data.batch_size,
+                                                  model.num_parameters(), model.knn_dims())
+            self.model = model.to(self.device)
+        else:
+            with torch.device("meta"):  # count parameters without allocating them
+                n_params = MemformerLM(cfg.model).num_parameters()
+            self.state_need = check_memory_budget(cfg.model, cfg.data.batch_size, n_params)
+            torch.manual_seed(t.seed)
+            self.model = MemformerLM(cfg.model).to(self.device)
         if t.init_from and not resume:
             self._init_from(t.init_from)
         self.optimizers = build_optimizers(self.model, t)
@@ -169,6 +181,9 @@ class Trainer:
     def describe(self) -> str:
         c = self.cfg
         n = self.model.num_parameters()
+        if c.model.hf_path:
+            return (f"{self.model.describe()}; estimated footprint "
+                    f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)")
         mech = [k for k in ("knn", "pkm", "infini", "continuous")
                 if getattr(c.model, k).layers]
         return (f"model: {n / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
@@ -260,6 +275,8 @@ class Trainer:
             return {"stopped_at": self.step, **last}
         self.checkpoint()
         save_model(self.model, self.run_dir / "model.safetensors")
+        if self.cfg.model.hf_path:  # also in Hugging Face format, with its tokenizer
+            self.model.save_hf(self.run_dir / "hf", self.tokenizer, self.cfg.data.segment_len)
         return last
 
     def checkpoint(self) -> Path:
