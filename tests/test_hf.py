@@ -196,7 +196,7 @@ def test_add_memory_rejects_bad_input():
     with pytest.raises(MemformersError, match="already has memory layers"):
         add_memory(model, layers=[0])
     memorize(model, torch.randint(0, 256, (2, 20)))
-    with pytest.raises(MemformersError, match="holds 2 batch rows but the input has 3"):
+    with pytest.raises(MemformersError, match="holds 2 batch rows on cpu but the input has 3"):
         model(torch.randint(0, 256, (3, 5)))
     with pytest.raises(MemformersError, match="no memory layers"):
         memorize(tiny("gpt2"), torch.zeros(1, 4, dtype=torch.long))
@@ -333,21 +333,43 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finetuned(model_dir, tiny_corpus, tmp_path_factory) -> tuple[Path, dict, dict]:
-    """A 30-step run from the random initialisation of ``model_dir``, kNN memory in layer 1."""
-    cfg = load_config(None, [*HF_TRAIN, f"data.corpus=\"{tiny_corpus}\"", "train.steps=30",
+def pretrained(model_dir, tiny_corpus, tmp_path_factory) -> Path:
+    """A model pretrained by memformers WITHOUT memory (30 steps from the random
+    initialisation of ``model_dir``), exported in HF format to RUN/hf."""
+    sets = [s for s in HF_TRAIN if not s.startswith("model.knn")]
+    cfg = load_config(None, [*sets, f"data.corpus=\"{tiny_corpus}\"", "train.steps=30",
                              f"model.hf_path=\"{model_dir}\""])
-    run = tmp_path_factory.mktemp("run") / "r"
+    run = tmp_path_factory.mktemp("run") / "pre"
+    Trainer(cfg, run, progress=False).run()
+    return run / "hf"
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tiny_corpus, tmp_path_factory) -> tuple[Path, dict, dict]:
+    """``pretrained`` + kNN memory in layer 1, fine-tuned 20 steps: (run, eval before, after)."""
+    cfg = load_config(None, [*HF_TRAIN, f"data.corpus=\"{tiny_corpus}\"", "train.steps=20",
+                             f"model.hf_path=\"{pretrained}\""])
+    run = tmp_path_factory.mktemp("run") / "ft"
     trainer = Trainer(cfg, run, progress=False)
-    before = trainer.evaluate()
+    before = trainer.evaluate()  # the retrofitted model, memory on, before fine-tuning
     trainer.run()
     return run, before, trainer.evaluate()
 
 
-def test_finetune_lowers_held_out_loss_and_exports_hf(finetuned):
+def test_pretrained_export_is_a_plain_hf_model(pretrained):
+    config = json.loads((pretrained / "config.json").read_text())
+    assert "memformers" not in config and config["model_type"] == "llama"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(pretrained))
+    assert HFTokenizer.load(pretrained).encode("abc") == [97, 98, 99]  # byte tokenizer
+    with pytest.raises(MemformersError, match="has no memory"):
+        load_pretrained(pretrained)
+    assert model.config.vocab_size == 256
+
+
+def test_finetune_with_memory_lowers_held_out_loss_and_exports_hf(finetuned):
     run, before, after = finetuned
     assert after["tokens"] == before["tokens"] > 0
-    assert after["loss"] < before["loss"] - 0.5
+    assert after["loss"] < before["loss"] - 0.05
     gates = [json.loads(line).get("gates") for line in (run / "metrics.jsonl").open()]
     assert gates[-1] and gates[-1] != gates[0]  # the memory gates learn
     model = load_pretrained(run / "hf")

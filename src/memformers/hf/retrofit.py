@@ -116,12 +116,19 @@ class MemoryAttention(nn.Module):
             return self.memory.store.count == 0
         return self.memory.z.flatten(1).eq(0).all(1)
 
+    def _device(self) -> torch.device | None:
+        if self.kind == "knn":
+            return self.memory.store.device
+        return None if self.memory.M is None else self.memory.M.device
+
     def _ensure_rows(self, batch: int, device: torch.device) -> None:
-        if self.rows() == batch:
+        """Allocate empty memory for ``batch`` rows on ``device`` unless it is there."""
+        held = self.rows()
+        if held == batch and self._device() == device:
             return
-        if self.rows() and not bool(self.empty_rows().all()):
-            raise MemformersError(f"the memory holds {self.rows()} batch rows but the input "
-                                  f"has {batch}; use {self.rows()} rows or call "
+        if held and not bool(self.empty_rows().all()):
+            raise MemformersError(f"the memory holds {held} batch rows on {self._device()} but "
+                                  f"the input has {batch} on {device}; match it or call "
                                   "memformers.hf.reset_memory(model) first")
         self.memory.allocate(batch, device)
 
