@@ -9,6 +9,7 @@ The architecture, one concept per module:
   train/               optimiser, trainer, atomic checkpoints
   evaluate/            held-out perplexity / bits per byte by position, passkey
   tasks/               synthetic tasks (sorting, associative recall)
+  hf/                  memory retrofitted into pretrained Hugging Face models
   cli.py               the `memformers` command
 """
 

@@ -6,6 +6,8 @@
     memformers eval RUN_DIR [--split valid|test] [--max-docs N]
     memformers generate RUN_DIR --prompt TEXT [--tokens N]
     memformers compare CONFIG            (train + evaluate variants on equal terms)
+    memformers finetune --hf-model DIR   (a Hugging Face model with retrofitted memory)
+    memformers memorize / ask            (a text into a model's memory; answer from it)
     memformers demo [--quick]            (the main job: see README)
 
 Every user error is one line on stderr and exit status 2.
@@ -34,20 +36,21 @@ def _load_run_config(run_dir: Path, overrides: list[str]):
 def load_trained_model(run_dir: Path, overrides: list[str] = (), device: str = "auto"):
     """(config, model, tokenizer) of a finished or checkpointed run."""
     from memformers.data.tokenizer import load_tokenizer
-    from memformers.model import MemformerLM
+    from memformers.model import build_model
     from memformers.train.checkpoint import latest_checkpoint, load_model_weights
     from memformers.train.trainer import resolve_device
 
     cfg = _load_run_config(run_dir, list(overrides))
+    tokenizer = load_tokenizer(Path(cfg.data.corpus))
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise MemformersError(f"{run_dir} has no model.safetensors and no complete checkpoint")
         weights = ckpt / "model.safetensors"
-    model = MemformerLM(cfg.model).to(resolve_device(device))
+    model = build_model(cfg.model, tokenizer).to(resolve_device(device))
     load_model_weights(model, weights)
-    return cfg, model.eval(), load_tokenizer(Path(cfg.data.corpus))
+    return cfg, model.eval(), tokenizer
 
 
 def launch_processes(nproc: int, args) -> int:
@@ -83,8 +86,6 @@ def launch_processes(nproc: int, args) -> int:
 
 def cmd_train(args) -> int:
     from memformers.config import load_config
-    from memformers.evaluate.lm import format_eval
-    from memformers.train.trainer import Trainer
 
     if args.nproc is not None:
         return launch_processes(args.nproc, args)
@@ -93,8 +94,19 @@ def cmd_train(args) -> int:
         cfg = _load_run_config(run_dir, args.set)
     else:  # no --config: the defaults (the baseline preset), changed by --set
         cfg = load_config(args.config, args.set)
-    trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    main = trainer.dist.is_main  # with several processes only rank 0 prints and writes
+    return run_training(cfg, run_dir, args.resume, not args.no_progress)
+
+
+def run_training(cfg, run_dir: Path, resume: bool, progress: bool) -> int:
+    """Train (or resume) a run, evaluate it, write eval.json (``train`` and ``finetune``).
+
+    With several processes (torchrun) only rank 0 prints and writes.
+    """
+    from memformers.evaluate.lm import format_eval
+    from memformers.train.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+    main = trainer.dist.is_main
     try:
         if main:
             print(trainer.describe(), flush=True)
@@ -204,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from memformers.compare.cli import add_compare_subparser
     from memformers.data.cli import add_data_subparser
+    from memformers.hf.cli import add_hf_subparsers
 
     add_data_subparser(sub)
     add_compare_subparser(sub)
+    add_hf_subparsers(sub)
     return p
 
 

@@ -42,6 +42,10 @@ class ModelConfig:
     dropout: float = 0.0
     xl_cache: bool = False  # attend to the previous segment's keys/values
     tie_embeddings: bool = True
+    # A Hugging Face causal LM (directory or Hub name) to train instead of the memformers
+    # model: its own architecture (the sizes above are ignored), with model.knn or
+    # model.infini memories retrofitted into it (memformers.hf; `memformers finetune`).
+    hf_path: str = ""
     knn: KNNConfig = field(default_factory=KNNConfig)
     pkm: PKMConfig = field(default_factory=PKMConfig)
     infini: InfiniConfig = field(default_factory=InfiniConfig)
@@ -240,11 +244,19 @@ def validate(cfg: RunConfig) -> None:
     _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0,
            "data.eval_max_docs and data.eval_max_tokens must be >= 0")
 
+    if m.hf_path:  # layer indices are checked against the HF model by add_memory
+        _check(not (m.pkm.layers or m.continuous.layers or m.xl_cache),
+               "a Hugging Face model (model.hf_path) takes model.knn or model.infini "
+               "memories only (no pkm, continuous or xl_cache)")
+        _check(not (m.knn.layers and m.infini.layers),
+               "a Hugging Face model takes one kind of memory: model.knn or model.infini")
+        _check(not t.init_from, "train.init_from does not apply to a Hugging Face model "
+                                "(model.hf_path already names its weights)")
     used: dict[int, str] = {}
     for name in ("knn", "infini", "continuous"):
         sub = getattr(m, name)
         for layer in sub.layers:
-            _check(0 <= layer < m.n_layers,
+            _check(bool(m.hf_path) or 0 <= layer < m.n_layers,
                    f"model.{name}.layers: layer {layer} does not exist (model has "
                    f"{m.n_layers} layers, numbered 0..{m.n_layers - 1})")
             _check(layer not in used, f"layer {layer} has two attention memories "

@@ -27,7 +27,10 @@ def add_data_subparser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="--source is a dataset saved with datasets.save_to_disk")
     b.add_argument("--out", default=None,
                    help="corpus directory (default for stdlib: data/stdlib-<tokenizer>)")
-    b.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    b.add_argument("--tokenizer", default="byte",
+                   help="byte (default), bpe (trained on the train split), hf:MODEL (a Hugging "
+                        "Face model's tokenizer.json: a model directory or Hub name), or a "
+                        "corpus directory whose tokenizer to reuse")
     b.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size")
     b.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="keep files matching GLOB (repeatable; default **/* or **/*.py)")
@@ -64,8 +67,9 @@ def run_data_command(args: argparse.Namespace) -> int:
     if args.data_command == "build":
         out = args.out
         if out is None:
-            if args.source != "stdlib":
-                raise MemformersError("--out is required when --source is not 'stdlib'")
+            if args.source != "stdlib" or args.tokenizer not in ("byte", "bpe"):
+                raise MemformersError("--out is required unless --source is 'stdlib' and "
+                                      "--tokenizer is byte or bpe")
             out = default_corpus_dir(args.tokenizer)
         manifest = build_corpus(
             out, args.source, tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab,

@@ -38,7 +38,13 @@ from memformers.data.sources import (
     list_files,
     resolve_source,
 )
-from memformers.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from memformers.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 from memformers.errors import MemformersError
 
 FORMAT = "memformers-corpus"
@@ -165,10 +171,13 @@ def build_corpus(
     in source order (0 = all). Returns the manifest (also in ``manifest.json``).
     """
     out_dir = Path(out_dir).expanduser()
-    reuse = tokenizer not in ("byte", "bpe")  # a corpus dir whose tokenizer is reused
+    hf_model = tokenizer[3:] if tokenizer.startswith("hf:") else ""  # a HF model's tokenizer
+    reuse = tokenizer not in ("byte", "bpe") and not hf_model  # a corpus dir's tokenizer
     if reuse and not (Path(tokenizer).expanduser() / MANIFEST).is_file():
-        raise MemformersError(f"tokenizer must be 'byte', 'bpe' or a corpus directory whose "
-                              f"tokenizer to reuse; got '{tokenizer}'")
+        raise MemformersError(f"tokenizer must be 'byte', 'bpe', 'hf:MODEL' (a Hugging Face "
+                              f"model's tokenizer) or a corpus directory whose tokenizer to "
+                              f"reuse; got '{tokenizer}'")
+    hf_tok = HFTokenizer.for_model(hf_model) if hf_model else None  # fail before reading
     if max_docs < 0:
         raise MemformersError(f"max_docs must be >= 0, got {max_docs}")
     if (out_dir / MANIFEST).exists() and not overwrite:
@@ -210,10 +219,12 @@ def build_corpus(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        if reuse:
-            tok: Tokenizer = load_tokenizer(Path(tokenizer).expanduser())
-            if tok.name == "bpe":
-                tok.save(tmp)
+        if hf_tok is not None:
+            tok: Tokenizer = hf_tok
+            tok.save(tmp)
+        elif reuse:
+            tok = load_tokenizer(Path(tokenizer).expanduser())
+            tok.save(tmp)  # nothing for the byte tokenizer
         elif tokenizer == "bpe":
             tok = BPETokenizer.train(by_split["train"][1], bpe_vocab)
             tok.save(tmp)
@@ -230,7 +241,8 @@ def build_corpus(
                        "exclude": exclude, "text_field": text_field, "group": group,
                        "max_docs": max_docs,
                        "python": sys.version.split()[0] if spec.kind == "stdlib" else None},
-            "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size},
+            "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size,
+                          **({"model": hf_model} if hf_model else {})},
             "dtype": dtype.name,
             "split_fractions": list(fractions),
             "splits": split_stats,

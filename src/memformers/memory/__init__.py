@@ -30,6 +30,11 @@ def _load(path: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def attention_memory_class(name: str) -> type[AttentionMemory]:
+    """The ``AttentionMemory`` class registered as ``name`` (knn, infini, continuous)."""
+    return _load(ATTENTION_MEMORIES[name])
+
+
 def build_attention_memory(model_cfg, layer: int) -> AttentionMemory | None:
     for name, path in ATTENTION_MEMORIES.items():
         sub = getattr(model_cfg, name)
@@ -50,4 +55,5 @@ def build_ffn(model_cfg, layer: int, shared: dict) -> nn.Module:
     return MLP(model_cfg.d_model, model_cfg.d_ff, model_cfg.ffn, model_cfg.dropout)
 
 
-__all__ = ["AttentionMemory", "StreamState", "build_attention_memory", "build_ffn"]
+__all__ = ["AttentionMemory", "StreamState", "attention_memory_class", "build_attention_memory",
+           "build_ffn"]

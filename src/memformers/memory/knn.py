@@ -19,6 +19,7 @@ V = V_c exactly, so ``capacity = 0`` is the plain (XL) model with normalised q/k
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -100,11 +101,22 @@ class KNNMemoryAttention(AttentionMemory):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.store.state_tensors()
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
         if not tensors:
             self.store.allocate(self.store.batch_size, self.store.device)
             return
-        self.store.load_state_tensors(tensors)
+        self.store.load_state_tensors(tensors, copy=copy)
+
+    def set_storage(self, capacity: int, storage_dtype: str | None = None) -> None:
+        """Empty memories of ``capacity`` rows per (stream, head) (and ``storage_dtype``),
+        e.g. those of a saved memory."""
+        if capacity < 0:
+            raise MemformersError(f"knn capacity must be >= 0, got {capacity}")
+        batch, device = self.store.batch_size, self.store.device
+        self.cfg = dataclasses.replace(self.cfg, capacity=capacity,
+                                       storage_dtype=storage_dtype or self.cfg.storage_dtype)
+        self.store = KNNStore(self.cfg, self.n_heads, self.head_dim)
+        self.store.allocate(batch, device)
 
     def state_bytes_per_stream(self) -> int:
         return knn_footprint_bytes(self.cfg, self.n_heads, self.head_dim, 1, 1)

@@ -186,7 +186,10 @@ class KNNStore:
         out.update(self.backend.state_tensors())
         return out
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
+        """Restore ``state_tensors()``. With ``copy=False`` a full ring (rows == capacity)
+        of the storage dtype on the store's device is adopted as the buffer itself --
+        e.g. a memory-mapped file, so nothing is read until searched."""
         count = tensors["count"].to(self.device, torch.long)
         if count.shape[0] != self.batch_size:
             self.allocate(count.shape[0], self.device)
@@ -199,10 +202,16 @@ class KNNStore:
                 raise MemformersError(f"saved kNN memory of shape {tuple(keys.shape)} does "
                                       f"not fit capacity {self.capacity}, {self.n_heads} heads "
                                       f"x {self.head_dim}")
-            self._ensure_storage()
             rows = keys.shape[2]
-            self.keys[:, :, :rows] = keys.to(self.device, self.dtype)
-            self.values[:, :, :rows] = values.to(self.device, self.dtype)
+            adopt = (not copy and rows == self.capacity and keys.shape == values.shape
+                     and all(t.dtype == self.dtype and t.device == self.device
+                             and t.is_contiguous() for t in (keys, values)))
+            if adopt:
+                self.keys, self.values = keys, values  # (B, H, C, d), no copy
+            else:
+                self._ensure_storage()
+                self.keys[:, :, :rows] = keys.to(self.device, self.dtype)
+                self.values[:, :, :rows] = values.to(self.device, self.dtype)
         self.backend.load(tensors)
 
     def state_bytes_per_stream(self) -> int:

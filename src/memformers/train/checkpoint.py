@@ -84,8 +84,10 @@ def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) 
     except Exception as e:  # safetensors raises several types for corrupt files
         raise MemformersError(f"cannot read weights {path}: {e}") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {"head.weight"} if getattr(model, "cfg", None) and model.cfg.tie_embeddings else set()
-    missing = [k for k in missing if k not in tied]
+    # a tied tensor is saved once (model_tensors): its other names are not missing
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in tensors if k in state}
+    missing = [k for k in missing if state[k].data_ptr() not in loaded]
     if unexpected:
         raise MemformersError(f"{path} does not match this model: unexpected {unexpected[:3]}")
     if strict and missing:

@@ -37,7 +37,7 @@ from memformers.memory.state import (
     load_collected_state_tensors,
     state_bytes_per_stream,
 )
-from memformers.model import MemformerLM, lm_loss
+from memformers.model import MemformerLM, build_model, lm_loss
 from memformers.pretrained import resolve_weights
 from memformers.train import distributed as D
 from memformers.train.checkpoint import (
@@ -85,14 +85,19 @@ def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
     return total
 
 
-def check_memory_budget(model_cfg, batch_size: int, n_params: int) -> int:
-    """Estimate bytes needed (weights, grads, Adam, per-stream state) and refuse impossible runs."""
+def check_memory_budget(model_cfg, batch_size: int, n_params: int,
+                        knn_dims: tuple[int, int] | None = None) -> int:
+    """Estimate bytes needed (weights, grads, Adam, per-stream state) and refuse impossible runs.
+
+    ``knn_dims``: (heads, head dim) of the kNN memories when they are not the
+    config's (a Hugging Face model)."""
     need = n_params * 4 * 4  # weights + grads + 2 Adam moments
     if model_cfg.knn.layers:
         from memformers.memory.knn import knn_footprint_bytes
 
-        need += knn_footprint_bytes(model_cfg.knn, model_cfg.n_heads, model_cfg.head_dim,
-                                    batch_size, len(model_cfg.knn.layers))
+        heads, head_dim = knn_dims or (model_cfg.n_heads, model_cfg.head_dim)
+        need += knn_footprint_bytes(model_cfg.knn, heads, head_dim, batch_size,
+                                    len(model_cfg.knn.layers))
     try:
         import os
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -155,11 +160,18 @@ class Trainer:
         self.progress = progress and env.is_main
         self.device = env.device
         self.autocast = autocast_for(self.device, t.precision)
-        with torch.device("meta"):  # count parameters without allocating them
-            n_params = MemformerLM(cfg.model).num_parameters()
-        self.state_need = check_memory_budget(cfg.model, B // env.world_size, n_params)
+        B_rank = B // env.world_size
         torch.manual_seed(t.seed)
-        self.model = MemformerLM(cfg.model).to(self.device)
+        if cfg.model.hf_path:  # a Hugging Face model (memformers.hf.lm), on the CPU first
+            model = build_model(cfg.model, self.tokenizer)
+            self.state_need = check_memory_budget(cfg.model, B_rank, model.num_parameters(),
+                                                  model.knn_dims())
+            self.model = model.to(self.device)
+        else:
+            with torch.device("meta"):  # count parameters without allocating them
+                n_params = MemformerLM(cfg.model).num_parameters()
+            self.state_need = check_memory_budget(cfg.model, B_rank, n_params)
+            self.model = MemformerLM(cfg.model).to(self.device)
         if env.world_size > 1:
             torch.manual_seed(t.seed + env.rank)  # same init everywhere, own dropout masks
         self.sharded = D.is_sharded(t, env)
@@ -183,7 +195,7 @@ class Trainer:
                                       shuffle=True, seed=t.seed, loop=True,
                                       min_doc_tokens=cfg.data.min_doc_tokens,
                                       rank=env.rank, world_size=env.world_size)
-        self.model.allocate_state(B // env.world_size, self.device)
+        self.model.allocate_state(B_rank, self.device)
         self.step = 0
         self.tokens_seen = 0
         if resume:
@@ -230,6 +242,9 @@ class Trainer:
     def describe(self) -> str:
         c, env = self.cfg, self.dist
         n = self.model.num_parameters()
+        if c.model.hf_path:
+            return (f"{self.model.describe()}; estimated footprint "
+                    f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)")
         mech = [k for k in ("knn", "pkm", "infini", "continuous")
                 if getattr(c.model, k).layers]
         text = (f"model: {n / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
@@ -331,6 +346,8 @@ class Trainer:
             return {"stopped_at": self.step, **last}
         self.checkpoint()
         self.save_model(self.run_dir / "model.safetensors")
+        if self.cfg.model.hf_path and self.dist.is_main:  # also in HF format, with tokenizer
+            self.model.save_hf(self.run_dir / "hf", self.tokenizer, self.cfg.data.segment_len)
         return last
 
     def save_model(self, path: Path) -> None:
