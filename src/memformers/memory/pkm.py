@@ -80,7 +80,7 @@ def candidate_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     With both halves' top-k sorted descending, pair (a, b) is beaten or tied by
     the (a + 1)(b + 1) pairs (a' <= a, b' <= b), so pairs outside this set can
-    only tie the k-th score: the top-k scores are unchanged (k=32: 1024 -> 130).
+    only tie the k-th score: the top-k scores are unchanged (k=32: 1024 -> 119).
     """
     a, b = zip(*[(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k])
     return torch.tensor(a), torch.tensor(b)
