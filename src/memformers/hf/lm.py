@@ -170,15 +170,6 @@ class HFMemoryLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def knn_dims(self) -> tuple[int, int] | None:
-        """(kv heads, head dim) of the kNN memories, for the footprint estimate."""
-        from memformers.hf.retrofit import memory_layers
-
-        if not self.memory or self.memory["kind"] != "knn":
-            return None
-        _, layer = memory_layers(self.hf)[0]
-        return layer.mem_kv_heads, layer.head_dim
-
     def describe(self) -> str:
         c, mem = self.hf.config, self.memory
         what = (f"{mem['kind']} in layers {mem['layers']}"

@@ -86,18 +86,20 @@ def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
 
 
 def check_memory_budget(model_cfg, batch_size: int, n_params: int,
-                        knn_dims: tuple[int, int] | None = None) -> int:
+                        state_bytes: int | None = None) -> int:
     """Estimate bytes needed (weights, grads, Adam, per-stream state) and refuse impossible runs.
 
-    ``knn_dims``: (heads, head dim) of the kNN memories when they are not the
-    config's (a Hugging Face model)."""
+    ``state_bytes``: the per-stream state of a built model (a Hugging Face model,
+    whose memories are not described by ``model_cfg``); else the kNN memories of
+    ``model_cfg``."""
     need = n_params * 4 * 4  # weights + grads + 2 Adam moments
-    if model_cfg.knn.layers:
+    if state_bytes is not None:
+        need += state_bytes
+    elif model_cfg.knn.layers:
         from memformers.memory.knn import knn_footprint_bytes
 
-        heads, head_dim = knn_dims or (model_cfg.n_heads, model_cfg.head_dim)
-        need += knn_footprint_bytes(model_cfg.knn, heads, head_dim, batch_size,
-                                    len(model_cfg.knn.layers))
+        need += knn_footprint_bytes(model_cfg.knn, model_cfg.n_heads, model_cfg.head_dim,
+                                    batch_size, len(model_cfg.knn.layers))
     try:
         import os
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -164,8 +166,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         if cfg.model.hf_path:  # a Hugging Face model (memformers.hf.lm), on the CPU first
             model = build_model(cfg.model, self.tokenizer)
-            self.state_need = check_memory_budget(cfg.model, B_rank, model.num_parameters(),
-                                                  model.knn_dims())
+            self.state_need = check_memory_budget(
+                cfg.model, B_rank, model.num_parameters(),
+                state_bytes_per_stream(model) * B_rank)
             self.model = model.to(self.device)
         else:
             with torch.device("meta"):  # count parameters without allocating them
