@@ -150,7 +150,7 @@ def bench_knn(args) -> dict:
 
     cap = args.capacity
     ours, ours_opts, cfg = our_lm(["model.xl_cache=true", "model.knn.layers=[4]",
-                                   f"model.knn.capacity={cap}"])
+                                   f"model.knn.capacity={cap}", *args.knn_set])
     xl, xl_opts, _ = our_lm(PRESETS["xl"])
     layer = cfg.model.knn.layers[0]
     tmp = tempfile.TemporaryDirectory(prefix="peers-knn-")
@@ -384,6 +384,8 @@ def main() -> None:
     ap.add_argument("--pkm-reps", type=int, default=7, help="timed repetitions for pkm")
     ap.add_argument("--capacity", type=int, default=65536, help="kNN tokens per stream")
     ap.add_argument("--fill", choices=("direct", "model"), default="direct")
+    ap.add_argument("--knn-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra settings of our kNN model, e.g. model.knn.backend=\"faiss\"")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--out", default="benchmarks/results/peers.json")
     ap.add_argument("--report", metavar="JSON", help="only reprint the tables of a results file")

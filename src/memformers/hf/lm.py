@@ -39,7 +39,7 @@ from memformers.hf.retrofit import (
     require_transformers,
     writing,
 )
-from memformers.memory.state import allocate_states, detach_states, reset_states
+from memformers.memory.state import allocate_states, begin_segment, detach_states
 
 
 def resolve_model_source(source: str) -> Path:
@@ -151,16 +151,11 @@ class HFMemoryLM(nn.Module):
         mask: torch.Tensor | None = None,  # (B, L) bool: real tokens
         commit: bool = True,  # write this segment into memory
     ) -> torch.Tensor:  # (B, L, V) logits
-        B, L = tokens.shape
+        L = tokens.shape[1]
         if self.max_len and L > self.max_len:
             raise MemformersError(f"segments of {L} tokens are longer than the model's "
                                   f"{self.max_len} positions; lower data.segment_len")
-        if B != self._batch_size:
-            self.allocate_state(B, tokens.device)
-        if mask is None:
-            mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
-        if new_doc is not None:
-            reset_states(self, new_doc.to(tokens.device))
+        mask = begin_segment(self, tokens, new_doc, mask)
         ctx = writing(self.hf, mask=mask) if commit and self.memory else nullcontext()
         with ctx:
             out = self.hf(input_ids=tokens, use_cache=False,

@@ -66,6 +66,24 @@ def reset_states(model: nn.Module, streams: torch.Tensor) -> None:
             s.reset(streams)
 
 
+def begin_segment(model: nn.Module, tokens: torch.Tensor, new_doc: torch.Tensor | None,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """The prologue of a stream model's forward; returns the (B, L) bool mask.
+
+    (Re)allocates state when the number of streams B changed (``model._batch_size``,
+    ``model.allocate_state``), defaults the mask to all-real, and clears the streams
+    whose ``new_doc`` flag is set.
+    """
+    B, L = tokens.shape
+    if B != model._batch_size:
+        model.allocate_state(B, tokens.device)
+    if mask is None:
+        mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+    if new_doc is not None:
+        reset_states(model, new_doc.to(tokens.device))
+    return mask
+
+
 def detach_states(model: nn.Module) -> None:
     for _, s in iter_stream_states(model):
         s.detach()

@@ -17,9 +17,9 @@ from memformers.config import ModelConfig
 from memformers.memory import build_attention_memory, build_ffn
 from memformers.memory.state import (
     allocate_states,
+    begin_segment,
     detach_states,
     iter_stream_states,
-    reset_states,
 )
 from memformers.model.attention import Attention
 from memformers.model.position import RelativePositionBias, Rotary
@@ -94,13 +94,7 @@ class MemformerLM(nn.Module):
         mask: torch.Tensor | None = None,  # (B, L) bool: real tokens
         commit: bool = True,  # write this segment into per-stream state
     ) -> torch.Tensor:  # (B, L, V) logits
-        B, L = tokens.shape
-        if B != self._batch_size:
-            self.allocate_state(B, tokens.device)
-        if mask is None:
-            mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
-        if new_doc is not None:
-            reset_states(self, new_doc.to(tokens.device))
+        mask = begin_segment(self, tokens, new_doc, mask)
         x = self.embed(tokens)
         shared: dict = {}  # per-forward scratch shared by the layers (the attention mask)
         for block in self.blocks:
