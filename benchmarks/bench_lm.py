@@ -16,6 +16,7 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,6 +38,17 @@ PRESETS = {
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def train_step(model, opts, seq: torch.Tensor, ctx=None) -> None:
+    """One optimiser step on a (B, L + 1) batch of one segment per stream."""
+    with ctx or nullcontext():
+        loss = lm_loss(model(seq[:, :-1]), seq[:, 1:])
+    loss.backward()
+    for o in opts:
+        o.step()
+        o.zero_grad(set_to_none=True)
+    model.detach_state()
 
 
 def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torch.device,
@@ -62,13 +74,7 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
         seq = batch()
         _sync(device)
         t0 = time.perf_counter()
-        with ctx:
-            loss = lm_loss(model(seq[:, :-1]), seq[:, 1:])
-        loss.backward()
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        model.detach_state()
+        train_step(model, opts, seq, ctx)
         _sync(device)
         if i >= warmup:
             train_times.append(time.perf_counter() - t0)

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's memformers, not an installed one
 
 import torch  # noqa: E402
-from bench_lm import BASE, PRESETS  # noqa: E402
+from bench_lm import BASE, PRESETS, train_step  # noqa: E402
 from bench_pkm import D_FF, D_MODEL, fwd_bwd, inputs, make_pkm  # noqa: E402
 
 import memformers  # noqa: E402
@@ -123,12 +123,7 @@ def our_lm(overrides: list[str]):
 
 def our_step(model, opts, seq: torch.Tensor) -> float:
     t = time.perf_counter()
-    loss = lm_loss(model(seq[:, :-1]), seq[:, 1:])
-    loss.backward()
-    for o in opts:
-        o.step()
-        o.zero_grad(set_to_none=True)
-    model.detach_state()
+    train_step(model, opts, seq)
     return time.perf_counter() - t
 
 

@@ -116,7 +116,7 @@ def check_memory_budget(model_cfg, batch_size: int, n_params: int,
 class WindowLoss(torch.nn.Module):
     """One window -- ``bptt_segments`` consecutive segments -- as ONE forward.
 
-    Returns (summed token loss + auxiliary losses, target tokens). DDP wraps this
+    Returns (summed token loss + auxiliary losses, target tokens as a 0-d tensor). DDP wraps this
     module rather than the LM, so one forward/backward pair covers the window and
     DDP's unused-parameter search sees every segment's graph.
     """
@@ -126,14 +126,14 @@ class WindowLoss(torch.nn.Module):
         self.model, self.autocast, self.world_size = model, autocast, world_size
 
     def forward(self, segments: list[tuple[torch.Tensor, ...]]):
-        total, n_tok = 0, 0
+        total, n_tok = 0, 0  # n_tok stays on the device: no host sync per segment
         for tokens, targets, new_doc, mask in segments:
             with self.autocast:
                 logits = self.model(tokens, new_doc=new_doc, mask=mask)
             # auxiliary losses are means over a rank's tokens: averaged over ranks
             total = total + lm_loss(logits, targets, reduction="sum") \
                 + aux_losses(self.model) / self.world_size
-            n_tok += int((targets != -100).sum())
+            n_tok = n_tok + (targets != -100).sum()
         return total, n_tok
 
 
@@ -272,7 +272,7 @@ class Trainer:
                                   for x in (b.tokens, b.targets, b.new_doc, b.mask)))
         with D.gradient_sync(self.wrapped, self.model, sync):
             total, n_tok = self.wrapped(segments)
-            loss_sum, n_global = self.dist.sum([float(total.detach()), n_tok])
+            loss_sum, n_global = self.dist.sum([float(total.detach()), float(n_tok)])
             # mean over the global batch's tokens: DDP/FSDP average over ranks, hence x N
             scale = self.cfg.train.grad_accum * max(n_global, 1) / self.dist.world_size
             (total / scale).backward()
