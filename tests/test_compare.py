@@ -345,6 +345,19 @@ def test_report_survives_missing_optional_parts(tmp_path):
     assert "only" in print_table(results)
 
 
+def test_report_lists_product_key_slot_usage(tmp_path):
+    pkm = _fake_variant("xl+pkm", None)
+    pkm["eval"]["pkm_usage"] = {"blocks.1.ffn": {"slots": 65536, "used": 0.8312,
+                                                 "kl_uniform": 0.41, "slots_50": 9000,
+                                                 "slots_90": 30000, "slots_99": 50000}}
+    results = {"name": "pkm", "eval": {}, "variants": [_fake_variant("xl", None), pkm]}
+    text = write_report(results, tmp_path).read_text()
+    section = text.split("## Product-key slot usage", 1)[1].split("\n## ", 1)[0]
+    assert "| xl+pkm | blocks.1.ffn | 65,536 | 83.1% | 0.4100 | 9,000 | 30,000 | 50,000 |" \
+        in section
+    assert "| xl |" not in section
+
+
 class BruteForceMemory(AttentionMemory):
     """Stand-in kNN memory for the sweep plumbing: full softmax attention over the last
     ``capacity`` committed keys of the stream (i.e. exact kNN with k = capacity)."""

@@ -10,6 +10,7 @@ from memformers.memory.pkm import (
     ProductKeyMemory,
     pkm_usage_report,
     product_topk,
+    resolve_sparse,
     track_pkm_usage,
     usage_stats,
     value_parameters,
@@ -116,6 +117,18 @@ def test_sparse_and_dense_values_same_forward_and_sgd_update():
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     for k in weights[0]:
         assert torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6), k
+
+
+def test_sparse_auto_is_sparse_on_cpu_dense_on_cuda_and_for_fsdp():
+    auto = PKMConfig()
+    assert auto.sparse == "auto" and small_pkm().values.sparse is False  # unresolved: dense
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_sparse(auto, cpu, TrainConfig()).sparse is True
+    assert resolve_sparse(auto, cuda, TrainConfig()).sparse is False
+    assert resolve_sparse(auto, cpu, TrainConfig(parallel="fsdp")).sparse is False
+    assert resolve_sparse(auto, cpu, TrainConfig(shard_pkm_values=True)).sparse is False
+    for fixed in (True, False):
+        assert resolve_sparse(PKMConfig(sparse=fixed), cuda, TrainConfig()).sparse is fixed
 
 
 def test_value_optimizer_kinds_and_param_groups():

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from memformers.config import load_config
+from memformers.evaluate.lm import format_eval
 from memformers.train.optim import lr_factor
 from memformers.train.trainer import Trainer
 from tests.conftest import TINY_MODEL
@@ -39,6 +40,22 @@ def test_training_lowers_loss_and_evaluates(tiny_corpus, tmp_path):
     assert after["tokens"] == before["tokens"] > 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 40
+
+
+def test_pkm_run_resolves_sparse_for_cpu_and_reports_slot_usage(tiny_corpus, tmp_path):
+    cfg = load_config(None, [*TINY_MODEL, f"data.corpus=\"{tiny_corpus}\"", "train.steps=3",
+                             "train.ckpt_every=0", "model.pkm.layers=[1]", "model.pkm.n_keys=8",
+                             "model.pkm.k_dim=8", "model.pkm.heads=2", "model.pkm.top_k=2"])
+    assert cfg.model.pkm.sparse == "auto"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    pkm = trainer.model.blocks[1].ffn
+    assert cfg.model.pkm.sparse is True and pkm.values.sparse  # CPU: sparse is faster
+    trainer.run()
+    ev = trainer.evaluate()
+    usage = ev["pkm_usage"]["blocks.1.ffn"]
+    assert usage["tokens"] == ev["tokens"] and usage["slots"] == 64
+    assert 0 < usage["used"] <= 1 and usage["slots_50"] <= usage["slots_90"] <= usage["slots_99"]
+    assert "product keys blocks.1.ffn" in format_eval(ev)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_corpus, tmp_path):

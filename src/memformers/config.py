@@ -238,7 +238,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(t.parallel, ("ddp", "fsdp"), "train.parallel")
     _check(not t.shard_pkm_values or m.pkm.layers,
            "train.shard_pkm_values needs product-key memory layers (model.pkm.layers)")
-    _check(not m.pkm.sparse or (t.parallel == "ddp" and not t.shard_pkm_values),
+    _check(m.pkm.sparse is not True or (t.parallel == "ddp" and not t.shard_pkm_values),
            "model.pkm.sparse=true cannot be combined with train.parallel='fsdp' or "
            "train.shard_pkm_values: FSDP2 has no sparse gradients")
     _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0,
@@ -282,6 +282,8 @@ def validate(cfg: RunConfig) -> None:
     _check(p.k_dim % 2 == 0, f"model.pkm.k_dim must be even, got {p.k_dim}")
     _check(p.top_k <= p.n_keys, f"model.pkm.top_k ({p.top_k}) must be <= n_keys ({p.n_keys})")
     _choice(p.query_norm, ("batchnorm", "layernorm", "none"), "model.pkm.query_norm")
+    _check(p.sparse in (True, False, "auto"),
+           f"model.pkm.sparse must be true, false or \"auto\", got {p.sparse!r}")
 
     i = m.infini
     _choice(i.update, ("linear", "delta"), "model.infini.update")

@@ -255,6 +255,22 @@ def _gates_section(results: dict, plots: dict) -> str:
             + (f"\n![gates]({plots['gates']})\n" if "gates" in plots else ""))
 
 
+def _pkm_usage_section(results: dict) -> str:
+    rows = []
+    for v in results.get("variants", []):
+        for layer, u in (_get(v, "eval", "pkm_usage") or {}).items():
+            rows.append([v["name"], layer, f"{u['slots']:,}", f"{u['used']:.1%}",
+                         _num(u.get("kl_uniform")), f"{u['slots_50']:,}", f"{u['slots_90']:,}",
+                         f"{u['slots_99']:,}"])
+    if not rows:
+        return ""
+    return ("## Product-key slot usage\n\nOver the held-out evaluation: share of slots that "
+            "received any weight, KL divergence of the weight distribution from uniform, and "
+            "the fewest slots holding 50/90/99% of the weight (Lample et al., section 4.4).\n\n"
+            + markdown_table(["variant", "layer", "slots", "used", "KL(p||uniform)", "50%",
+                              "90%", "99%"], rows, left=2) + "\n")
+
+
 def _passkey_section(results: dict, plots: dict) -> str:
     from memformers.evaluate.passkey import passkey_table
 
@@ -332,6 +348,7 @@ def render_markdown(results: dict, diff: dict | None, plots: dict) -> str:
         text.append(f"![loss by position]({plots['loss_by_position']})\n")
     for section in (_sweep_section(results, plots), _diff_section(diff, plots),
                     _passkey_section(results, plots), _gates_section(results, plots),
+                    _pkm_usage_section(results),
                     _runs_section(results)):
         if section:
             text.append(section)

@@ -23,6 +23,7 @@ import torch.distributed
 from tqdm import tqdm
 
 from memformers.data.streaming import DocumentStreams
+from memformers.memory.pkm import pkm_modules, pkm_usage_report, track_pkm_usage
 from memformers.memory.state import collect_state_tensors, load_collected_state_tensors
 
 POSITION_BUCKETS = (0, 2048, 8192, 32768)
@@ -82,7 +83,7 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     bar = tqdm(total=total, desc="eval", unit="tok", disable=not progress, leave=False)
     ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
     seen = 0
-    with preserved_state(model):
+    with preserved_state(model), track_pkm_usage(model):
         model.allocate_state(len(streams.rows), device)
         for batch in streams:
             tokens, targets = batch.tokens.to(device), batch.targets.to(device)
@@ -121,6 +122,15 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     out["by_position"] = {name: _summary(a, int(t), int(c))
                           for name, a, t, c in zip(bucket_names(buckets), nll_l, tok_l, byte_l)
                           if t > 0}
+    pkms = [m for _, m in pkm_modules(model)]
+    if pkms:  # slot usage of each product-key layer, summed over ranks
+        if world_size > 1:
+            for m in pkms:
+                counts = torch.tensor([m.usage.tokens], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(m.usage.counts)
+                torch.distributed.all_reduce(counts)
+                m.usage.tokens = int(counts.item())
+        out["pkm_usage"] = pkm_usage_report(model)
     if record_docs:
         out["per_token"] = {d: np.concatenate(v).tolist() if v else [] for d, v in recorded.items()}
     return out
@@ -133,4 +143,8 @@ def format_eval(result: dict) -> str:
     for name, r in result["by_position"].items():
         lines.append(f"  tokens {name:>9}: loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  "
                      f"bpb {r['bpb']:.4f}  ({r['tokens']:,})")
+    for name, u in result.get("pkm_usage", {}).items():
+        lines.append(f"  product keys {name}: {u['used']:.1%} of {u['slots']:,} slots used, "
+                     f"KL from uniform {u['kl_uniform']:.3f}, 50/90/99% of the weight in "
+                     f"{u['slots_50']:,} / {u['slots_90']:,} / {u['slots_99']:,} slots")
     return "\n".join(lines)

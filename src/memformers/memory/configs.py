@@ -46,7 +46,11 @@ class PKMConfig:
     query_dropout: float = 0.0
     value_dropout: float = 0.0
     value_lr: float = 1e-3  # own optimizer group, constant lr
-    sparse: bool = False  # sparse value gradients + SparseAdam
+    # Value gradients: True = sparse + SparseAdam, False = dense + Adam, "auto" = the one
+    # measured faster for the device (benchmarks/bench_pkm.py): sparse on CPU (262K slots:
+    # 0.93x the dense step time, 1M: 0.40x), dense on CUDA (NCCL and FSDP2 need dense
+    # gradients). The trainer resolves "auto"; a module built directly treats it as dense.
+    sparse: bool | str = "auto"
     memory_plus: bool = False  # silu-gated output (Memory Layers at Scale)
     share_values: bool = False  # one value table for every PKM layer
 

@@ -24,6 +24,7 @@ for evaluation: ``track_pkm_usage`` + ``pkm_usage_report``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -243,22 +244,27 @@ class ProductKeyMemory(nn.Module):
             self.down = nn.Linear(d_model, d_model, bias=False)
         self.usage = PKMUsage(self.n_slots)
 
+    @property
+    def sparse(self) -> bool:
+        """Sparse value gradients (``cfg.sparse``; "auto" unresolved = dense)."""
+        return self.cfg.sparse is True
+
     def param_groups(self, train_cfg) -> list[dict]:
         """Optimiser groups (see ``train.optim``): the values get their own constant-lr
         Adam without weight decay (SparseAdam with ``sparse``); sub-keys are not decayed.
         Sparse value gradients are left out of gradient clipping by the trainer."""
         values = {"params": [self.values.weight], "lr": self.cfg.value_lr, "weight_decay": 0.0,
                   "constant_lr": True, "name": "pkm_values",
-                  "optimizer": "sparse_adam" if self.cfg.sparse else "adamw"}
+                  "optimizer": "sparse_adam" if self.sparse else "adamw"}
         return [values, {"params": [self.keys], "weight_decay": 0.0, "name": "pkm_keys"}]
 
     def _value_table(self, cfg: PKMConfig, d_model: int, shared: dict | None) -> nn.EmbeddingBag:
         if cfg.share_values and shared is not None and "pkm_values" in shared:
             table = shared["pkm_values"]
-            if table.weight.shape != (self.n_slots, d_model) or table.sparse != cfg.sparse:
+            if table.weight.shape != (self.n_slots, d_model) or table.sparse != self.sparse:
                 raise MemformersError("model.pkm.share_values: layers disagree on the value table")
             return table
-        table = nn.EmbeddingBag(self.n_slots, d_model, mode="sum", sparse=cfg.sparse)
+        table = nn.EmbeddingBag(self.n_slots, d_model, mode="sum", sparse=self.sparse)
         nn.init.normal_(table.weight, mean=0.0, std=d_model ** -0.5)
         if cfg.share_values and shared is not None:
             shared["pkm_values"] = table
@@ -266,7 +272,7 @@ class ProductKeyMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"slots={self.n_slots}, heads={self.heads}, k_dim={self.k_dim}, "
-                f"top_k={self.top_k}, sparse={self.cfg.sparse}")
+                f"top_k={self.top_k}, sparse={self.sparse}")
 
     def lookup(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """x (T, D), mask (T,) -> fp32 softmax weights (T, H, k), slots (T, H, k)."""
@@ -303,6 +309,14 @@ class ProductKeyMemory(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def resolve_sparse(cfg: PKMConfig, device: torch.device, train_cfg) -> PKMConfig:
+    """``cfg`` with ``sparse="auto"`` resolved for training on ``device`` (see PKMConfig)."""
+    if cfg.sparse != "auto":
+        return cfg
+    dense_only = device.type != "cpu" or train_cfg.parallel != "ddp" or train_cfg.shard_pkm_values
+    return dataclasses.replace(cfg, sparse=not dense_only)
 
 
 def pkm_modules(model: nn.Module) -> Iterator[tuple[str, ProductKeyMemory]]:
@@ -355,6 +369,6 @@ def pkm_usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
 
 __all__ = [
     "MaskedBatchNorm1d", "PKMUsage", "ProductKeyMemory", "pkm_modules",
-    "pkm_usage_report", "product_topk", "track_pkm_usage", "usage_stats",
+    "pkm_usage_report", "product_topk", "resolve_sparse", "track_pkm_usage", "usage_stats",
     "value_parameters",
 ]

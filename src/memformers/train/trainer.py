@@ -32,6 +32,7 @@ from memformers.data.tokenizer import load_tokenizer
 from memformers.errors import MemformersError
 from memformers.evaluate.lm import evaluate_lm, format_eval
 from memformers.memory.base import AttentionMemory
+from memformers.memory.pkm import resolve_sparse
 from memformers.memory.state import (
     collect_state_tensors,
     load_collected_state_tensors,
@@ -163,6 +164,7 @@ class Trainer:
         self.device = env.device
         self.autocast = autocast_for(self.device, t.precision)
         B_rank = B // env.world_size
+        cfg.model.pkm = resolve_sparse(cfg.model.pkm, self.device, t)  # "auto" -> the device's
         torch.manual_seed(t.seed)
         if cfg.model.hf_path:  # a Hugging Face model (memformers.hf.lm), on the CPU first
             model = build_model(cfg.model, self.tokenizer)
