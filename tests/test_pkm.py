@@ -119,6 +119,24 @@ def test_sparse_and_dense_values_same_forward_and_sgd_update():
         assert torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6), k
 
 
+def test_sparse_adam_and_adam_make_the_same_first_value_update():
+    """The real optimiser pair: SparseAdam on sparse gradients and Adam (no decay) on
+    dense ones give every value row the same first step, untouched rows unchanged."""
+    x = torch.randn(3, 6, 12)
+    tables = []
+    for sparse in (False, True):
+        pkm = small_pkm(sparse=sparse)
+        before = pkm.values.weight.detach().clone()
+        opts = build_optimizers(pkm, TrainConfig(lr=1e-3, weight_decay=0.1))
+        (pkm(x) * torch.linspace(-1, 1, 12)).sum().backward()
+        for opt in opts:
+            opt.step()
+        tables.append(pkm.values.weight.detach())
+    assert torch.allclose(tables[0], tables[1], atol=1e-7)
+    moved = (tables[0] - before).abs().sum(1) > 0
+    assert 0 < moved.sum() < len(moved)
+
+
 def test_sparse_auto_is_sparse_on_cpu_dense_on_cuda_and_for_fsdp():
     auto = PKMConfig()
     assert auto.sparse == "auto" and small_pkm().values.sparse is False  # unresolved: dense
