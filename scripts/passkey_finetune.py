@@ -16,6 +16,9 @@ needle. Run it twice -- with and without the memory -- for the control:
 
     python scripts/passkey_finetune.py --out runs/pk-256k --init runs/pk-knn/model.safetensors \
         --steps 0 --set model.knn.capacity=262144 --eval-lengths 262144 --samples 4
+
+Writes OUT/passkey.json and its heatmap OUT/passkey.png (scripts/plot_passkey.py
+renders one from any stored passkey JSON).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from memformers.config import load_config
 from memformers.data.tokenizer import ByteTokenizer
-from memformers.evaluate.passkey import evaluate_passkey, passkey_table
+from memformers.evaluate.passkey import evaluate_passkey, passkey_table, plot_passkey_file
 from memformers.model import MemformerLM
 from memformers.pretrained import resolve_weights
 from memformers.tasks.passkey import passkey_training_batch
@@ -135,6 +138,7 @@ def main() -> None:
     res["passkey"] = r
     print(passkey_table(r), flush=True)
     (out / "passkey.json").write_text(json.dumps(res, indent=2))
+    print(f"heatmap: {plot_passkey_file(out / 'passkey.json')}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,12 +48,17 @@ def test_too_little_memory_is_refused_before_allocating(capsys, tiny_corpus, tmp
     assert code == 2 and "too little memory" in err
 
 
+def train_tiny(corpus: Path, run: Path, *sets: str) -> Path:
+    """A tiny model trained for 2 steps in ``run``."""
+    args = [x for s in [*TINY_MODEL, f"data.corpus='{corpus}'", "train.steps=2",
+                        "data.eval_max_tokens=256", *sets] for x in ("--set", s)]
+    assert main(["train", "--config", "configs/baseline.toml", *args, "--run-dir", str(run),
+                 "--no-progress"]) == 0
+    return run
+
+
 def test_corrupt_checkpoint_is_reported(capsys, tiny_corpus, tmp_path):
-    sets = [x for s in TINY_MODEL for x in ("--set", s)]
-    run = tmp_path / "run"
-    assert main(["train", "--config", "configs/baseline.toml", *sets, "--set",
-                 f"data.corpus='{tiny_corpus}'", "--set", "train.steps=2", "--run-dir",
-                 str(run), "--no-progress"]) == 0
+    run = train_tiny(tiny_corpus, tmp_path / "run")
     (run / "model.safetensors").write_bytes(b"not a safetensors file")
     capsys.readouterr()
     code, err = run_cli(capsys, "eval", str(run))
@@ -62,3 +69,68 @@ def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "memformers", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def knn_run(tiny_corpus, tmp_path_factory) -> Path:
+    """A tiny XL + kNN model (capacity 64 in layer 1)."""
+    return train_tiny(tiny_corpus, tmp_path_factory.mktemp("knn") / "run", "model.xl_cache=true",
+                      "model.knn.layers=[1]", "model.knn.capacity=64")
+
+
+def test_eval_sweeps_memory_and_xl_cache_and_writes_a_report(capsys, knn_run, tmp_path):
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["eval", str(knn_run), "--max-docs", "2", "--max-tokens", "600",
+                 "--memory-sweep", "0,64,256", "--memory-sweep-xl", "on,off",
+                 "--loss-diff-capacities", "0,64", "--winners", "3",
+                 "--passkey-lengths", "320", "--passkey-depths", "0.5",
+                 "--passkey-samples", "1", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for section in ["## Memory-size sweep", "## Per-token loss difference", "## Passkey",
+                    "## Memory gates per head", "| run | blocks.1 |"]:
+        assert section in printed
+    results = json.loads((out / "results.json").read_text())
+    run = results["variants"][0]
+    sweep = {(p["capacity"], p["xl_cache"]): p["loss"] for p in run["memory_sweep"]}
+    assert list(sweep) == [(0, True), (64, True), (256, True), (0, False), (64, False),
+                           (256, False)]
+    assert sweep[64, True] == pytest.approx(run["eval"]["loss"], rel=1e-6)  # as trained
+    assert sweep[64, False] != sweep[64, True]
+    assert (results["loss_diff"]["a"], results["loss_diff"]["b"]) == ("run@0", "run@64")
+    assert 0 < len(results["loss_diff"]["winners"]) <= 3
+    assert run["passkey"]["lengths"] == [320] and list(run["static"]["gates"]) == ["blocks.1"]
+    report = (out / "report.md").read_text()
+    assert report.startswith(f"# Evaluation: {knn_run}") and "| run | off | 256 |" in report
+    for png in ["memory_sweep.png", "loss_diff.png", "gates.png", "passkey-run.png"]:
+        assert (out / png).stat().st_size > 1000, png
+    assert not (knn_run / "eval-valid.json").exists()  # --out: everything goes there
+
+
+def test_plain_eval_writes_the_lm_result_next_to_the_run(capsys, knn_run):
+    assert main(["eval", str(knn_run), "--max-tokens", "300", "--no-progress"]) == 0
+    saved = json.loads((knn_run / "eval-valid.json").read_text())
+    assert saved["tokens"] >= 300 and "doc_losses" not in saved
+    assert "Memory gates per head" in capsys.readouterr().out  # gates are always shown
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--memory-sweep", "0,1.5K"], "--memory-sweep: expected a comma-separated list of int"),
+    (["--memory-sweep", "0,64", "--memory-sweep-xl", "on,maybe"],
+     "--memory-sweep-xl must be \"on\", \"off\" or both"),
+    (["--memory-sweep-xl", "off"], "--memory-sweep-xl needs --memory-sweep"),
+    (["--memory-sweep", "0,64", "--loss-diff-capacities", "0,128"],
+     "--loss-diff-capacities must be two capacities of --memory-sweep"),
+    (["--passkey-depths", "0.5,2"], "--passkey-depths must be numbers in [0, 1]"),
+    (["--passkey-lengths", "64"], "--passkey-lengths: passkey length 64 is too short"),
+])
+def test_eval_option_errors_are_one_line(capsys, knn_run, args, message):
+    code, err = run_cli(capsys, "eval", str(knn_run), "--no-progress", *args)
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_memory_sweep_of_a_model_without_knn_layers_is_refused(capsys, tiny_corpus, tmp_path):
+    run = train_tiny(tiny_corpus, tmp_path / "run")
+    code, err = run_cli(capsys, "eval", str(run), "--memory-sweep", "0,64")
+    assert code == 2 and err == ("error: --memory-sweep needs a model with kNN memory layers "
+                                 "(model.knn.layers is empty)")

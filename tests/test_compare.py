@@ -279,6 +279,11 @@ def _raw(**over) -> dict:
     (_raw(eval={"passkey_depths": [2.0]}), "eval.passkey_depths must be numbers in [0, 1]"),
     (_raw(eval={"loss_diff": ["a", "c"]}), "unknown key 'c' in eval.loss_diff"),
     (_raw(compare={"name": "x", "set": ["train.steps"]}), "expected key=value"),
+    (_raw(eval={"memory_sweep": [0, 8], "memory_sweep_xl": ["off", "no"]}),
+     'eval.memory_sweep_xl must be "on", "off" or both'),
+    (_raw(eval={"memory_sweep_xl": ["off"]}), "eval.memory_sweep_xl needs eval.memory_sweep"),
+    (_raw(eval={"memory_sweep": [0, 8], "loss_diff_capacities": [0, 16]}),
+     "eval.loss_diff_capacities must be two capacities of eval.memory_sweep"),
 ])
 def test_config_validation_errors_are_one_line(raw, message):
     with pytest.raises(MemformersError) as e:
@@ -331,8 +336,25 @@ def test_loss_pair_defaults_to_the_memory_sweep_extremes():
     diff = loss_difference(results)
     assert diff["diff"] == pytest.approx([0.0, 1.0, 0.8])
     assert [w["position"] for w in diff["winners"]] == [2, 3]  # gains 1.0 then 0.8
+    results["eval"]["loss_diff_capacities"] = [1536, 8192]  # two chosen capacities
+    assert choose_loss_pair(results)[::2] == ("xl+knn@1536", "xl+knn@8192")
     results["eval"]["loss_diff"] = ["xl+knn", "xl"]  # explicit pair wins
     assert loss_difference(results)["diff"] == pytest.approx([-4.0, -4.0, -4.0])
+
+
+def test_loss_pair_of_a_sweep_with_the_xl_cache_on_and_off():
+    def point(cap, xl, losses):
+        return {"capacity": cap, "xl_cache": xl, "doc_losses": {"doc": 0, "losses": losses}}
+
+    sweep = [point(0, False, [3.0]), point(64, False, [1.0]), point(0, True, [2.0]),
+             point(64, True, [1.5])]
+    knn = _fake_variant("knn", [1.0], memory_sweep=sweep,
+                        config={"model": {"xl_cache": True}})
+    results = {"eval": {}, "variants": [knn]}
+    assert choose_loss_pair(results)[::2] == ("knn@0", "knn@64")  # as trained: XL on
+    assert loss_difference(results)["diff"] == pytest.approx([0.5])
+    knn["memory_sweep"] = sweep[:2]  # only XL off was swept: labelled as such
+    assert choose_loss_pair(results)[::2] == ("knn@0 XL off", "knn@64 XL off")
 
 
 def test_report_survives_missing_optional_parts(tmp_path):
@@ -402,12 +424,11 @@ class BruteForceMemory(AttentionMemory):
         return g * mem + (1 - g) * local_out
 
 
-def _knn_compare(tiny_corpus, tmp_path) -> dict:
+def _knn_compare(tiny_corpus, tmp_path, sweep: str = "memory_sweep = [0, 64, 256]") -> dict:
     variants = ('[[variant]]\nname = "xl"\nset = ["model.xl_cache=true"]\n'
                 '[[variant]]\nname = "xl+knn"\n'
                 'set = ["model.xl_cache=true", "model.knn.layers=[1]", "model.knn.capacity=64"]\n')
-    text = _toml(tiny_corpus, variants).replace("sorting_lengths = [12]",
-                                                "memory_sweep = [0, 64, 256]")
+    text = _toml(tiny_corpus, variants).replace("sorting_lengths = [12]", sweep)
     cfg_file = tmp_path / "knn.toml"
     cfg_file.write_text(text.replace("passkey_lengths = [320]", "passkey_lengths = []"))
     results = run_compare(load_compare_config(cfg_file), tmp_path / "out", progress=False,
@@ -419,14 +440,14 @@ def _knn_compare(tiny_corpus, tmp_path) -> dict:
 def _check_sweep(results: dict, out: Path) -> None:
     xl, knn = results["variants"]
     assert xl["memory_sweep"] is None  # only kNN variants are swept
-    sweep = knn["memory_sweep"]
-    assert [p["capacity"] for p in sweep] == [0, 64, 256]
+    sweep = knn["memory_sweep"][:3]  # the XL cache on, as trained
+    assert [(p["capacity"], p["xl_cache"]) for p in sweep] == [(0, True), (64, True), (256, True)]
     assert all("error" not in p and math.isfinite(p["loss"]) for p in sweep)
     trained = sweep[1]  # the capacity it was trained with reproduces its own evaluation
     assert trained["loss"] == pytest.approx(knn["eval"]["loss"], rel=1e-6)
     assert (out / "memory_sweep.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
-    assert "## Memory-size sweep" in report and "| xl+knn | 256 |" in report
+    assert "## Memory-size sweep" in report and "| xl+knn | on | 256 |" in report
     saved = json.loads((out / "results.json").read_text())
     assert (saved["loss_diff"]["a"], saved["loss_diff"]["b"]) == ("xl+knn@0", "xl+knn@256")
     a = np.array(sweep[0]["doc_losses"]["losses"])
@@ -447,6 +468,15 @@ def test_memory_sweep_with_a_brute_force_knn_stand_in(tiny_corpus, tmp_path, mon
         results["variants"][0]["static"]["state_bytes_per_stream"]
 
 
-def test_knn_memory_sweep(tiny_corpus, tmp_path):
+def test_knn_memory_sweep_with_the_xl_cache_on_and_off(tiny_corpus, tmp_path):
     pytest.importorskip("memformers.memory.knn")
-    _check_sweep(_knn_compare(tiny_corpus, tmp_path), tmp_path / "out")
+    results = _knn_compare(tiny_corpus, tmp_path, "memory_sweep = [0, 64, 256]\n"
+                                                  'memory_sweep_xl = ["on", "off"]')
+    _check_sweep(results, tmp_path / "out")
+    sweep = results["variants"][1]["memory_sweep"]
+    on, off = sweep[:3], sweep[3:]
+    assert [(p["capacity"], p["xl_cache"]) for p in off] == [(0, False), (64, False),
+                                                             (256, False)]
+    assert all(math.isfinite(p["loss"]) and p["loss"] != q["loss"] for p, q in zip(off, on))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| xl+knn | off | 256 |" in report

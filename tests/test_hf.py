@@ -284,7 +284,7 @@ def test_load_memory_refuses_a_memory_of_other_weights(tmp_path):
     with pytest.raises(MemformersError, match="made by other weights"):
         load_memory(other, tmp_path / "mem")
     load_memory(other, tmp_path / "mem", strict=False)
-    with pytest.raises(MemformersError, match="is a knn memory of layers"):
+    with pytest.raises(MemformersError, match="holds the state of KNNMemoryAttention"):
         load_memory(retrofit(tiny("llama"), "infini"), tmp_path / "mem")
     with pytest.raises(MemformersError, match="not a saved memory"):
         load_memory(model, tmp_path)

@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -9,7 +10,12 @@ from memformers.config import ModelConfig
 from memformers.data.tokenizer import ByteTokenizer
 from memformers.errors import MemformersError
 from memformers.evaluate.generate import feed_and_generate, sample_next
-from memformers.evaluate.passkey import evaluate_passkey, passkey_table, plot_passkey_heatmap
+from memformers.evaluate.passkey import (
+    evaluate_passkey,
+    passkey_table,
+    plot_passkey_file,
+    plot_passkey_heatmap,
+)
 from memformers.memory.state import collect_state_tensors
 from memformers.model import MemformerLM
 from memformers.tasks.passkey import (
@@ -323,6 +329,20 @@ def test_evaluate_passkey_tiny_model(tmp_path):
     assert table.count("\n") == 3 and "| 260 |" in table and "depth 0.50" in table
     png = plot_passkey_heatmap(res, tmp_path / "sub" / "passkey.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmap_from_a_stored_passkey_json(tmp_path):
+    res = {"lengths": [4096, 16384], "depths": [0.1, 0.9], "accuracy": [[1.0, 0.5], [0.0, 1.0]]}
+    script = tmp_path / "finetune.json"  # as scripts/passkey_finetune.py writes it
+    script.write_text(json.dumps({"train_log": [], "passkey": res}))
+    png = plot_passkey_file(script)
+    assert png == tmp_path / "finetune.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = tmp_path / "bare.json"  # evaluate_passkey's result itself
+    bare.write_text(json.dumps(res))
+    assert plot_passkey_file(bare, tmp_path / "x.png").stat().st_size > 1000
+    bare.write_text(json.dumps({"train_log": []}))
+    with pytest.raises(MemformersError, match="holds no passkey result"):
+        plot_passkey_file(bare)
 
 
 def test_passkey_table_values():

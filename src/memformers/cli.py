@@ -3,7 +3,8 @@
     memformers data build [--source stdlib|DIR|FILE.jsonl] --out DIR
     memformers train --config FILE [--set key=value ...] [--run-dir DIR] [--resume]
                      [--nproc N]      (N processes through torchrun: DDP / FSDP2)
-    memformers eval RUN_DIR [--split valid|test] [--max-docs N]
+    memformers eval RUN_DIR [--split valid|test] [--max-docs N] [--memory-sweep N,N
+                    [--memory-sweep-xl on,off]] [--passkey-lengths N,N] [--out DIR]
     memformers generate RUN_DIR --prompt TEXT [--tokens N]
     memformers compare CONFIG            (train + evaluate variants on equal terms)
     memformers finetune --hf-model DIR   (a Hugging Face model with retrofitted memory)
@@ -126,25 +127,63 @@ def run_training(cfg, run_dir: Path, resume: bool, progress: bool) -> int:
         trainer.close()
 
 
+# ``memformers eval`` options that are lists, with the type of their items; every eval option
+# is named after its key in a compare config's [eval] table (--memory-sweep: memory_sweep)
+EVAL_LIST_OPTIONS = {"memory_sweep": int, "memory_sweep_xl": str, "loss_diff_capacities": int,
+                     "passkey_lengths": int, "passkey_depths": float}
+EVAL_NUMBER_OPTIONS = ("max_docs", "max_tokens", "loss_diff_doc", "winners", "passkey_samples")
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def eval_spec_from_args(args):
+    """The ``[eval]`` settings (``EvalSpec``) the options of ``memformers eval`` ask for,
+    checked exactly as ``memformers compare`` checks its ``[eval]`` table."""
+    from memformers.compare.harness import eval_spec_from_dict
+
+    raw: dict = {"split": args.split}
+    for key, kind in EVAL_LIST_OPTIONS.items():
+        text = getattr(args, key)
+        if text is not None:
+            try:
+                raw[key] = [kind(x.strip()) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise MemformersError(f"{_option(key)}: expected a comma-separated list of "
+                                      f"{kind.__name__} values, got '{text}'") from None
+    for key in EVAL_NUMBER_OPTIONS:
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    return eval_spec_from_dict(raw, name=_option)
+
+
 def cmd_eval(args) -> int:
-    from memformers.data.corpus import CorpusSplit
-    from memformers.evaluate.lm import evaluate_lm, format_eval
-    from memformers.train.trainer import autocast_for
+    from memformers.compare.harness import check_passkey_lengths, eval_results, evaluate_model
+    from memformers.compare.report import extra_sections, loss_difference, write_report
+    from memformers.evaluate.lm import format_eval
 
     run_dir = Path(args.run_dir)
+    spec = eval_spec_from_args(args)
     cfg, model, tok = load_trained_model(run_dir, args.set, args.device)
-    device = next(model.parameters()).device
-    split = CorpusSplit.open(Path(cfg.data.corpus), args.split)
-    result = evaluate_lm(model, split, tok.token_bytes, batch_size=cfg.data.batch_size,
-                         segment_len=cfg.data.segment_len,
-                         max_docs=args.max_docs if args.max_docs is not None
-                         else cfg.data.eval_max_docs,
-                         max_tokens=cfg.data.eval_max_tokens,
-                         autocast=autocast_for(device, cfg.train.precision))
-    out = Path(args.out) if args.out else run_dir / f"eval-{args.split}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(format_eval(result))
-    print(f"written {out}")
+    if spec.memory_sweep and not cfg.model.knn.layers:
+        raise MemformersError("--memory-sweep needs a model with kNN memory layers "
+                              "(model.knn.layers is empty)")
+    check_passkey_lengths(tok, spec.passkey_lengths, "--passkey-lengths")
+    parts = evaluate_model(lambda: model, cfg, tok, spec, device=next(model.parameters()).device,
+                           progress=not args.no_progress)
+    results = eval_results(run_dir, cfg, spec, parts)
+    print(format_eval(parts["eval"]))
+    for section in extra_sections(results, loss_difference(results), plots={}):
+        print("\n" + section.rstrip())
+    if args.out:
+        report = write_report(results, args.out)
+        print(f"\nreport written to {report}")
+    else:
+        out = run_dir / f"eval-{args.split}.json"
+        lm = {k: v for k, v in parts["eval"].items() if k != "doc_losses"}
+        out.write_text(json.dumps(lm, indent=2))
+        print(f"written {out}")
     return 0
 
 
@@ -187,12 +226,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "gloo on CPU); data.batch_size is the total number of streams")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a run on held-out documents")
+    e = sub.add_parser("eval", help="evaluate a run on held-out documents",
+                       description="Held-out loss by position in document, and optionally the "
+                                   "evaluations of `memformers compare` (options named after "
+                                   "its [eval] keys).")
     e.add_argument("run_dir")
     e.add_argument("--split", default="valid", choices=["train", "valid", "test"])
-    e.add_argument("--max-docs", type=int)
+    e.add_argument("--max-docs", type=int, help="held-out documents (0 = all)")
+    e.add_argument("--max-tokens", type=int, help="stop after this many tokens (0 = no limit)")
+    e.add_argument("--memory-sweep", "--sweep", dest="memory_sweep", metavar="N,N,...",
+                   help="kNN capacities to evaluate the same weights with, e.g. "
+                        "0,1536,8192,65536,262144")
+    e.add_argument("--memory-sweep-xl", "--sweep-xl", dest="memory_sweep_xl", metavar="on,off",
+                   help="sweep with the XL cache on, off or both (default: as trained)")
+    e.add_argument("--loss-diff-capacities", metavar="A,B",
+                   help="per-token loss difference between these two sweep capacities "
+                        "(default: the smallest and the largest)")
+    e.add_argument("--loss-diff-doc", type=int,
+                   help="held-out document of the loss difference (default: the longest)")
+    e.add_argument("--winners", type=int, help="tokens listed where B gains most (default 10)")
+    e.add_argument("--passkey-lengths", metavar="N,N,...", help="passkey context lengths")
+    e.add_argument("--passkey-depths", metavar="D,D,...",
+                   help="needle depths in [0, 1] (default 0,0.5,1)")
+    e.add_argument("--passkey-samples", type=int, help="prompts per cell (default 4)")
     e.add_argument("--device", default="auto")
-    e.add_argument("--out")
+    e.add_argument("--out", metavar="DIR",
+                   help="write report.md, results.json and PNG plots here (default: only "
+                        "RUN_DIR/eval-SPLIT.json)")
+    e.add_argument("--no-progress", action="store_true")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluate with changed settings, e.g. --set model.knn.capacity=8192")
     e.set_defaults(func=cmd_eval)

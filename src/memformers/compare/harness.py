@@ -25,6 +25,9 @@ Each variant lives in ``<out>/runs/<name>-<config hash>/``. A finished run there
 retrained; a run with checkpoints is resumed. Evaluation results are cached per
 part (LM, passkey, memory sweep, sorting), each keyed by the settings it used, so
 changing e.g. the passkey lengths re-runs only the passkey evaluation.
+
+``evaluate_model`` (every evaluation of one trained model) and the ``[eval]`` checks
+(``eval_spec_from_dict``) are shared with ``memformers eval RUN_DIR``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class EvalSpec:
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     passkey_samples: int = 4
     memory_sweep: list[int] = field(default_factory=list)  # kNN capacities (kNN variants only)
+    memory_sweep_xl: list[str] = field(default_factory=list)  # "on"/"off"; [] = as trained
+    loss_diff_capacities: list[int] = field(default_factory=list)  # two sweep capacities
     loss_diff_doc: int = -1  # held-out doc index for per-token losses; -1 = longest evaluated
     loss_diff: list[str] = field(default_factory=list)  # ["A", "B"]: variant pair to compare
     winners: int = 10  # tokens listed in report.md where the second model gains the most
@@ -117,7 +122,9 @@ def _str_list(value: Any, where: str) -> list[str]:
     return list(value)
 
 
-def _eval_spec(raw: dict) -> EvalSpec:
+def eval_spec_from_dict(raw: dict, name: Callable[[str], str] = lambda k: f"eval.{k}"
+                        ) -> EvalSpec:
+    """Validate an ``[eval]`` table; ``name(key)`` is how errors name a key (e.g. an option)."""
     if not isinstance(raw, dict):
         raise MemformersError("[eval] must be a table")
     hints = {f.name: f.type for f in dataclasses.fields(EvalSpec)}
@@ -126,7 +133,7 @@ def _eval_spec(raw: dict) -> EvalSpec:
         if k not in hints:
             raise _unknown(k, hints, "[eval]")
         default = getattr(EvalSpec(), k)
-        where = f"eval.{k}"
+        where = name(k)
         if isinstance(default, list):
             if not isinstance(v, list):
                 raise MemformersError(f"{where} must be a list, got {v!r}")
@@ -138,9 +145,12 @@ def _eval_spec(raw: dict) -> EvalSpec:
             elif k == "loss_diff":
                 if len(v) != 2 or not all(isinstance(x, str) for x in v):
                     raise MemformersError(f"{where} must be two variant names, got {v!r}")
+            elif k == "memory_sweep_xl":
+                if not all(x in ("on", "off") for x in v) or len(set(v)) != len(v):
+                    raise MemformersError(f"{where} must be \"on\", \"off\" or both, got {v!r}")
             elif not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
                 raise MemformersError(f"{where} must be a list of integers >= 0, got {v!r}")
-            elif k != "memory_sweep" and not all(x > 0 for x in v):
+            elif k not in ("memory_sweep", "loss_diff_capacities") and not all(x > 0 for x in v):
                 raise MemformersError(f"{where} must be positive integers, got {v!r}")
         elif isinstance(default, str):
             if not isinstance(v, str):
@@ -150,16 +160,24 @@ def _eval_spec(raw: dict) -> EvalSpec:
         kwargs[k] = v
     spec = EvalSpec(**kwargs)
     if spec.split and spec.split not in ("train", "valid", "test"):
-        raise MemformersError(f"eval.split must be train, valid or test; got '{spec.split}'")
-    if spec.passkey_samples < 1 or spec.sorting_steps < 1 or spec.sorting_samples < 1:
-        raise MemformersError("eval.passkey_samples, sorting_steps and sorting_samples must be "
-                              ">= 1")
-    if spec.max_docs < -1 or spec.max_tokens < -1 or spec.loss_diff_doc < -1:
-        raise MemformersError("eval.max_docs, max_tokens and loss_diff_doc must be >= -1")
+        raise MemformersError(f"{name('split')} must be train, valid or test; got '{spec.split}'")
+    for k in ("passkey_samples", "sorting_steps", "sorting_samples"):
+        if getattr(spec, k) < 1:
+            raise MemformersError(f"{name(k)} must be >= 1")
+    for k in ("max_docs", "max_tokens", "loss_diff_doc"):
+        if getattr(spec, k) < -1:
+            raise MemformersError(f"{name(k)} must be >= -1")
     if spec.winners < 0:
-        raise MemformersError("eval.winners must be >= 0")
+        raise MemformersError(f"{name('winners')} must be >= 0")
     if spec.passkey_lengths and not spec.passkey_depths:
-        raise MemformersError("eval.passkey_depths must not be empty when passkey_lengths is set")
+        raise MemformersError(f"{name('passkey_depths')} must not be empty when "
+                              f"{name('passkey_lengths')} is set")
+    if spec.memory_sweep_xl and not spec.memory_sweep:
+        raise MemformersError(f"{name('memory_sweep_xl')} needs {name('memory_sweep')}")
+    if spec.loss_diff_capacities and (len(spec.loss_diff_capacities) != 2 or not set(
+            spec.loss_diff_capacities) <= set(spec.memory_sweep)):
+        raise MemformersError(f"{name('loss_diff_capacities')} must be two capacities of "
+                              f"{name('memory_sweep')}, got {spec.loss_diff_capacities}")
     return spec
 
 
@@ -224,7 +242,7 @@ def compare_config_from_dict(raw: dict, path: Path | None = None,
                               "([base.model], [base.data], [base.train])")
     base_raw = _merge(base_raw, inline)
     shared = _str_list(comp.get("set", []), "compare.set")
-    spec = _eval_spec(raw.get("eval", {}))
+    spec = eval_spec_from_dict(raw.get("eval", {}))
 
     raw_variants = raw.get("variant")
     if not isinstance(raw_variants, list) or not raw_variants:
@@ -328,6 +346,11 @@ def _last_train_metrics(run_dir: Path) -> dict:
     except (OSError, ValueError):
         pass
     return last
+
+
+def _train_metrics(run_dir: Path) -> dict:
+    """What the trainer measured: train.json (written by compare), else metrics.jsonl."""
+    return _read_json(run_dir / "train.json") or _last_train_metrics(run_dir)
 
 
 def measure_state_bytes(model, segment_len: int, device) -> int:
@@ -505,15 +528,125 @@ class Stopped(Exception):
     """Training was stopped by SIGTERM; a checkpoint was saved."""
 
 
+def _compute(name: str, key_obj: Any, compute: Callable[[], Any]) -> Any:
+    """The ``part`` of ``evaluate_model`` that caches nothing."""
+    return compute()
+
+
+def check_passkey_lengths(tokenizer, lengths: list[int], where: str = "eval.passkey_lengths"
+                          ) -> None:
+    """Fail early (before any training or evaluation) on a length too short for the prompt."""
+    from memformers.tasks.passkey import build_passkey_prompt
+
+    for n in lengths:
+        try:
+            build_passkey_prompt(tokenizer, n, 0.5, "12345")
+        except MemformersError as e:
+            raise MemformersError(f"{where}: {e}") from None
+
+
+def sweep_settings(cfg: RunConfig, spec: EvalSpec) -> list[tuple[int, bool]]:
+    """(kNN capacity, XL cache on) of every memory-sweep point, XL setting by setting."""
+    xl = [x == "on" for x in spec.memory_sweep_xl] or [cfg.model.xl_cache]
+    return [(cap, on) for on in xl for cap in sorted(set(spec.memory_sweep))]
+
+
+def memory_sweep(model, cfg: RunConfig, tokenizer, settings: list[tuple[int, bool]],
+                 evaluate: Callable[[Any, RunConfig], dict],
+                 log: Callable[[str], None] = print) -> list[dict]:
+    """The same trained weights evaluated with other kNN capacities / XL cache settings.
+
+    Each point is ``model`` rebuilt with ``model.knn.capacity`` and ``model.xl_cache``
+    overridden (neither has parameters) and scored by ``evaluate(model, config)``; a
+    setting that cannot be built (e.g. a memory too large for this machine) becomes a
+    point with an ``error``.
+    """
+    from memformers.model import build_model
+
+    weights = model.state_dict()
+    points = []
+    for cap, xl in settings:
+        point = {"capacity": cap, "xl_cache": xl}
+        try:
+            c = config_from_dict(apply_overrides(to_dict(cfg), [
+                f"model.knn.capacity={cap}", f"model.xl_cache={str(xl).lower()}"]))
+            m = build_model(c.model, tokenizer).to(next(model.parameters()).device)
+            m.load_state_dict(weights)
+            points.append({**point, **evaluate(m.eval(), c)})
+        except MemformersError as e:
+            log(f"memory sweep capacity {cap}, XL cache {'on' if xl else 'off'}: {e}")
+            points.append({**point, "error": str(e)})
+    return points
+
+
+def evaluate_model(get_model: Callable[[], Any], cfg: RunConfig, tokenizer, spec: EvalSpec, *,
+                   device, progress: bool = True, log: Callable[[str], None] = print,
+                   part: Callable[[str, Any, Callable[[], Any]], Any] = _compute) -> dict:
+    """Every evaluation ``spec`` asks for of one trained model (``memformers compare`` and
+    ``memformers eval``): static facts, held-out LM loss, passkey, memory sweep, sorting.
+
+    ``get_model()`` returns the model (compare loads it only when a part is not cached);
+    ``part(name, settings, compute)`` returns ``compute()`` or a result cached for the
+    same settings. Returns ``{"static", "eval", "passkey", "memory_sweep", "sorting"}``
+    (``None`` for a part ``spec`` does not ask for; the sweep needs kNN layers).
+    """
+    from memformers.data.corpus import CorpusSplit
+    from memformers.evaluate.passkey import evaluate_passkey
+    from memformers.train.trainer import autocast_for, gate_report
+
+    autocast = autocast_for(device, cfg.train.precision)
+    split_name = spec.split or cfg.data.eval_split
+    split = CorpusSplit.open(Path(cfg.data.corpus), split_name)
+    max_docs = cfg.data.eval_max_docs if spec.max_docs < 0 else spec.max_docs
+    max_tokens = cfg.data.eval_max_tokens if spec.max_tokens < 0 else spec.max_tokens
+    n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
+    doc = resolve_doc_index(split, spec, n_docs)
+    lm_key = {"split": split_name, "max_docs": max_docs, "max_tokens": max_tokens, "doc": doc}
+
+    def lm_eval(model, c: RunConfig) -> dict:
+        return _lm_eval(model, split, tokenizer.token_bytes, c, max_docs, max_tokens, doc,
+                        autocast, progress)
+
+    def static():
+        m = get_model()
+        return {"params": m.num_parameters(), "gates": gate_report(m),
+                "state_bytes_per_stream": measure_state_bytes(m, cfg.data.segment_len, device)}
+
+    out: dict = {"static": part("static", {"v": 1}, static),
+                 "eval": part("eval", lm_key, lambda: lm_eval(get_model(), cfg)),
+                 "passkey": None, "memory_sweep": None, "sorting": None}
+    if spec.passkey_lengths:
+        pk = {"lengths": spec.passkey_lengths, "depths": spec.passkey_depths,
+              "samples": spec.passkey_samples}
+        out["passkey"] = part("passkey", pk, lambda: evaluate_passkey(
+            get_model(), tokenizer, spec.passkey_lengths, spec.passkey_depths,
+            segment_len=cfg.data.segment_len, samples_per_cell=spec.passkey_samples,
+            seed=cfg.train.seed, device=device, progress=progress))
+    if spec.memory_sweep and cfg.model.knn.layers:
+        settings = sweep_settings(cfg, spec)
+        key = {**lm_key, "caps": spec.memory_sweep}
+        if spec.memory_sweep_xl:  # absent otherwise: sweeps cached before it existed stay valid
+            key["xl"] = spec.memory_sweep_xl
+        out["memory_sweep"] = part("memory_sweep", key, lambda: memory_sweep(
+            get_model(), cfg, tokenizer, settings, lm_eval, log))
+    if spec.sorting_lengths:
+        def sorting() -> dict:
+            return {str(t): train_eval_sorting(cfg, t, spec.sorting_steps, spec.sorting_samples,
+                                               device, autocast, progress)
+                    for t in spec.sorting_lengths}
+        out["sorting"] = part("sorting", {"lengths": spec.sorting_lengths,
+                                          "steps": spec.sorting_steps,
+                                          "samples": spec.sorting_samples}, sorting)
+    return out
+
+
 def run_variant(run: VariantRun, spec: EvalSpec, *, progress: bool = True,
                 log: Callable[[str], None] = print) -> dict:
     """Train (or reuse / resume) one variant and evaluate every requested part."""
-    from memformers.data.corpus import CorpusSplit
     from memformers.data.tokenizer import load_tokenizer
-    from memformers.evaluate.passkey import evaluate_passkey
     from memformers.model import MemformerLM
     from memformers.train.checkpoint import latest_checkpoint, load_model_weights
-    from memformers.train.trainer import Trainer, autocast_for, gate_report, resolve_device
+    from memformers.train.trainer import Trainer, resolve_device
 
     cfg, run_dir = run.cfg, run.run_dir
     weights = run_dir / "model.safetensors"
@@ -545,11 +678,10 @@ def run_variant(run: VariantRun, spec: EvalSpec, *, progress: bool = True,
         model = trainer.model
         del trainer  # frees the optimiser state before evaluation
     if not result["trained"]:
-        train = _read_json(run_dir / "train.json") or _last_train_metrics(run_dir)
+        train = _train_metrics(run_dir)
     result["train"] = train
 
     device = resolve_device(cfg.train.device)
-    autocast = autocast_for(device, cfg.train.precision)
     tokenizer = load_tokenizer(Path(cfg.data.corpus))
 
     def get_model():
@@ -570,67 +702,22 @@ def run_variant(run: VariantRun, spec: EvalSpec, *, progress: bool = True,
         _write_json(run_dir / "results.json", result)  # a later failure keeps this part
         return result[name]
 
-    split_name = spec.split or cfg.data.eval_split
-    split = CorpusSplit.open(Path(cfg.data.corpus), split_name)
-    max_docs = cfg.data.eval_max_docs if spec.max_docs < 0 else spec.max_docs
-    max_tokens = cfg.data.eval_max_tokens if spec.max_tokens < 0 else spec.max_tokens
-    n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
-    doc = resolve_doc_index(split, spec, n_docs)
-    lm_key = {"split": split_name, "max_docs": max_docs, "max_tokens": max_tokens, "doc": doc}
-
-    def static():
-        m = get_model()
-        return {"params": m.num_parameters(), "gates": gate_report(m),
-                "state_bytes_per_stream": measure_state_bytes(m, cfg.data.segment_len, device)}
-
-    result["static"] = part("static", {"v": 1}, static)
-    result["eval"] = part("eval", lm_key, lambda: _lm_eval(
-        get_model(), split, tokenizer.token_bytes, cfg, max_docs, max_tokens, doc, autocast,
-        progress))
-
-    result["passkey"] = None
-    if spec.passkey_lengths:
-        pk = {"lengths": spec.passkey_lengths, "depths": spec.passkey_depths,
-              "samples": spec.passkey_samples}
-        result["passkey"] = part("passkey", pk, lambda: evaluate_passkey(
-            get_model(), tokenizer, spec.passkey_lengths, spec.passkey_depths,
-            segment_len=cfg.data.segment_len, samples_per_cell=spec.passkey_samples,
-            seed=cfg.train.seed, device=device, progress=progress))
-
-    result["memory_sweep"] = None
-    if spec.memory_sweep and cfg.model.knn.layers:
-        def sweep() -> list[dict]:
-            points = []
-            for cap in sorted(set(spec.memory_sweep)):
-                c = copy.deepcopy(cfg)
-                c.model.knn.capacity = cap
-                try:
-                    m = MemformerLM(c.model).to(device)
-                    load_model_weights(m, weights)
-                    ev = _lm_eval(m.eval(), split, tokenizer.token_bytes, c, max_docs,
-                                  max_tokens, doc, autocast, progress)
-                except MemformersError as e:
-                    log(f"[{run.spec.name}] memory sweep capacity {cap}: {e}")
-                    points.append({"capacity": cap, "error": str(e)})
-                    continue
-                points.append({"capacity": cap, **ev})
-            return points
-        result["memory_sweep"] = part("memory_sweep", {**lm_key, "caps": spec.memory_sweep},
-                                      sweep)
-
-    result["sorting"] = None
-    if spec.sorting_lengths:
-        def sorting() -> dict:
-            return {str(t): train_eval_sorting(cfg, t, spec.sorting_steps, spec.sorting_samples,
-                                               device, autocast, progress)
-                    for t in spec.sorting_lengths}
-        result["sorting"] = part("sorting", {"lengths": spec.sorting_lengths,
-                                             "steps": spec.sorting_steps,
-                                             "samples": spec.sorting_samples}, sorting)
-
+    result.update(evaluate_model(get_model, cfg, tokenizer, spec, device=device,
+                                 progress=progress, log=lambda s: log(f"[{run.spec.name}] {s}"),
+                                 part=part))
     result["cached"] = not result["trained"] and not result["recomputed"]
     _write_json(run_dir / "results.json", result)
     return result
+
+
+def eval_results(run_dir: Path, cfg: RunConfig, spec: EvalSpec, parts: dict) -> dict:
+    """``memformers eval``'s results (``parts`` from ``evaluate_model``) shaped like those of
+    ``run_compare``, with the run as the one variant, for ``write_report``."""
+    variant = {"name": run_dir.resolve().name, "run_dir": str(run_dir), "config": to_dict(cfg),
+               "train": _train_metrics(run_dir), "trained": False, "cached": False,
+               "recomputed": [k for k, v in parts.items() if v is not None], **parts}
+    return {"name": variant["name"], "title": f"Evaluation: {run_dir}",
+            "eval": dataclasses.asdict(spec), "variants": [variant], "notes": []}
 
 
 def run_compare(cc: CompareConfig, out_dir: str | Path, *, only: list[str] | None = None,
@@ -644,15 +731,9 @@ def run_compare(cc: CompareConfig, out_dir: str | Path, *, only: list[str] | Non
     runs = plan_runs(cc, out_dir)
     if cc.eval.passkey_lengths:  # fail before any training, not after
         from memformers.data.tokenizer import load_tokenizer
-        from memformers.tasks.passkey import build_passkey_prompt
 
-        for cfg in {r.cfg.data.corpus: r.cfg for r in runs}.values():
-            tok = load_tokenizer(Path(cfg.data.corpus))
-            for n in cc.eval.passkey_lengths:
-                try:
-                    build_passkey_prompt(tok, n, 0.5, "12345")
-                except MemformersError as e:
-                    raise MemformersError(f"eval.passkey_lengths: {e}") from None
+        for corpus in {r.cfg.data.corpus for r in runs}:
+            check_passkey_lengths(load_tokenizer(Path(corpus)), cc.eval.passkey_lengths)
     variants = []
     for run in runs:
         if only and run.spec.name not in only:

@@ -58,17 +58,20 @@ def _capacity_label(n: int) -> str:
 
 
 def plot_memory_sweep(results: dict, path: Path) -> Path | None:
-    """Loss vs kNN capacity (same weights), one line per (variant, position bucket).
+    """Loss vs kNN capacity (same weights), one line per (variant, XL setting, position bucket).
 
     Capacities are placed evenly (they are usually geometric: 0, 1.5K, 8K, 65K).
     """
-    from memformers.compare.report import bucket_order
+    from memformers.compare.report import bucket_order, sweep_xl_label
 
     buckets = ["all", *bucket_order(results)]
-    swept = [(v["name"], sorted((p for p in v.get("memory_sweep") or [] if "error" not in p),
-                                key=lambda p: p["capacity"]))
-             for v in results.get("variants", [])]
-    swept = [(name, points) for name, points in swept if points]
+    groups: dict[str, list[dict]] = {}  # "variant[ XL on/off]" -> its points
+    for v in results.get("variants", []):
+        for p in v.get("memory_sweep") or []:
+            if "error" not in p:
+                groups.setdefault(v["name"] + sweep_xl_label(v, p), []).append(p)
+    swept = [(name, sorted(points, key=lambda p: p["capacity"]))
+             for name, points in groups.items()]
     caps = sorted({p["capacity"] for _, points in swept for p in points})
     series = []
     for name, points in swept:

@@ -148,11 +148,35 @@ def _doc_losses(entry: dict | None) -> tuple[int, list[float]] | None:
     return int(dl["doc"]), dl["losses"]
 
 
+def sweep_xl_label(v: dict, point: dict) -> str:
+    """'' for a sweep point at the variant's own XL setting, else ' XL on' / ' XL off'."""
+    trained = _get(v, "config", "model", "xl_cache")
+    xl = point.get("xl_cache", trained)
+    return "" if xl == trained else f" XL {'on' if xl else 'off'}"
+
+
+def _sweep_pair(v: dict, capacities: list[int]) -> tuple[dict, dict] | None:
+    """Two points of a variant's memory sweep: ``capacities`` if both were swept, else the
+    smallest and the largest capacity; at the XL setting it was trained with if swept."""
+    points = [p for p in v.get("memory_sweep") or [] if _doc_losses(p)]
+    if not points:
+        return None
+    own = [p for p in points if not sweep_xl_label(v, p)]
+    points = own or [p for p in points if p.get("xl_cache") == points[0].get("xl_cache")]
+    by_cap = {p["capacity"]: p for p in points}
+    if len(capacities) == 2 and all(c in by_cap for c in capacities):
+        return by_cap[capacities[0]], by_cap[capacities[1]]
+    if len(by_cap) < 2:
+        return None
+    return by_cap[min(by_cap)], by_cap[max(by_cap)]
+
+
 def choose_loss_pair(results: dict) -> tuple[str, dict, str, dict] | None:
     """(label A, eval A, label B, eval B) for the per-token loss-difference plot.
 
-    ``eval.loss_diff = [A, B]`` if given; else the smallest vs the largest capacity of
-    the first kNN variant's memory sweep (same weights); else the first two variants.
+    ``eval.loss_diff = [A, B]`` if given; else two capacities of the first kNN variant's
+    memory sweep (same weights): ``eval.loss_diff_capacities``, or the smallest vs the
+    largest; else the first two variants.
     """
     variants = results.get("variants", [])
     by_name = {v["name"]: v for v in variants}
@@ -160,12 +184,13 @@ def choose_loss_pair(results: dict) -> tuple[str, dict, str, dict] | None:
     if len(pair) == 2 and all(n in by_name for n in pair):
         a, b = by_name[pair[0]], by_name[pair[1]]
         return a["name"], a.get("eval"), b["name"], b.get("eval")
+    capacities = _get(results, "eval", "loss_diff_capacities", default=[]) or []
     for v in variants:
-        points = [p for p in v.get("memory_sweep") or [] if _doc_losses(p)]
-        if len(points) >= 2:
-            lo = min(points, key=lambda p: p["capacity"])
-            hi = max(points, key=lambda p: p["capacity"])
-            return (f"{v['name']}@{lo['capacity']}", lo, f"{v['name']}@{hi['capacity']}", hi)
+        points = _sweep_pair(v, capacities)
+        if points:
+            lo, hi = points
+            return (f"{v['name']}@{lo['capacity']}{sweep_xl_label(v, lo)}", lo,
+                    f"{v['name']}@{hi['capacity']}{sweep_xl_label(v, hi)}", hi)
     if len(variants) >= 2:
         a, b = variants[0], variants[1]
         return a["name"], a.get("eval"), b["name"], b.get("eval")
@@ -224,20 +249,23 @@ def _sweep_section(results: dict, plots: dict) -> str:
     buckets = bucket_order(results)
     rows = []
     for v in results.get("variants", []):
+        trained_xl = _get(v, "config", "model", "xl_cache")
         for p in v.get("memory_sweep") or []:
+            xl = p.get("xl_cache", trained_xl)
+            cells = [v["name"], MISSING if xl is None else ("on" if xl else "off"),
+                     f"{p['capacity']:,}"]
             if "error" in p:
-                rows.append([v["name"], str(p["capacity"]), "error: " + p["error"]]
-                            + [MISSING] * (len(buckets) + 1))
+                rows.append(cells + ["error: " + p["error"]] + [MISSING] * (len(buckets) + 1))
                 continue
-            rows.append([v["name"], f"{p['capacity']:,}", _num(p.get("loss")),
-                         _num(p.get("bpb"))]
+            rows.append(cells + [_num(p.get("loss")), _num(p.get("bpb"))]
                         + [_num(_get(p, "by_position", b, "loss")) for b in buckets])
     if not rows:
         return ""
-    headers = ["variant", "kNN capacity", "loss", "bits/byte"] + [f"loss {b}" for b in buckets]
+    headers = ["variant", "XL cache", "kNN capacity", "loss", "bits/byte"] + [
+        f"loss {b}" for b in buckets]
     return ("## Memory-size sweep\n\nThe same trained weights evaluated with "
-            "`model.knn.capacity` overridden.\n\n"
-            + markdown_table(headers, rows, left="l" + "r" * (len(headers) - 1)) + "\n"
+            "`model.knn.capacity` (and `model.xl_cache`) overridden.\n\n"
+            + markdown_table(headers, rows, left="ll" + "r" * (len(headers) - 2)) + "\n"
             + (f"\n![memory sweep]({plots['memory_sweep']})\n" if "memory_sweep" in plots else ""))
 
 
@@ -324,9 +352,17 @@ def _runs_section(results: dict) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+def extra_sections(results: dict, diff: dict | None, plots: dict) -> list[str]:
+    """The markdown sections of the optional evaluations that are present: memory sweep,
+    per-token loss difference, passkey, gates (``plots``: PNG names to link)."""
+    sections = (_sweep_section(results, plots), _diff_section(diff, plots),
+                _passkey_section(results, plots), _gates_section(results, plots))
+    return [s for s in sections if s]
+
+
 def render_markdown(results: dict, diff: dict | None, plots: dict) -> str:
     headers, rows = table_rows(results)
-    text = [f"# Comparison: {results.get('name', '')}\n"]
+    text = [f"# {results.get('title') or 'Comparison: ' + results.get('name', '')}\n"]
     description = _get(results, "compare_config", "compare", "description")
     if description:
         text.append(f"{description}\n")
@@ -346,10 +382,8 @@ def render_markdown(results: dict, diff: dict | None, plots: dict) -> str:
                 "state after two segments; passkey = exact-match accuracy, mean over depths.\n")
     if "loss_by_position" in plots:
         text.append(f"![loss by position]({plots['loss_by_position']})\n")
-    for section in (_sweep_section(results, plots), _diff_section(diff, plots),
-                    _passkey_section(results, plots), _gates_section(results, plots),
-                    _pkm_usage_section(results),
-                    _runs_section(results)):
+    for section in [*extra_sections(results, diff, plots), _pkm_usage_section(results),
+                    _runs_section(results)]:
         if section:
             text.append(section)
     return "\n".join(text)

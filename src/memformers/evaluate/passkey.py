@@ -9,6 +9,7 @@ generated answer tokens equal the answer's ids, or decode to the key.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def plot_passkey_heatmap(result: dict, path: str | Path, title: str = "Passkey r
     from matplotlib.figure import Figure  # Agg canvas, no pyplot / global backend
 
     acc = np.asarray(result["accuracy"], dtype=float).T  # (depths, lengths)
-    fig = Figure(figsize=(1.6 + 0.9 * acc.shape[1], 1.2 + 0.6 * acc.shape[0]))
+    fig = Figure(figsize=(max(4.2, 1.6 + 0.9 * acc.shape[1]), 1.2 + 0.6 * acc.shape[0]))
     ax = fig.add_subplot()
     im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
     ax.set_xticks(range(acc.shape[1]), [str(n) for n in result["lengths"]])
@@ -130,3 +131,19 @@ def plot_passkey_heatmap(result: dict, path: str | Path, title: str = "Passkey r
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_passkey_file(path: str | Path, png: str | Path | None = None) -> Path:
+    """Render the heatmap of a stored passkey result (``evaluate_passkey``'s JSON, or one
+    holding it under ``"passkey"`` as scripts/passkey_finetune.py writes) to ``png``
+    (default: next to the JSON, same name); returns the PNG's path."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MemformersError(f"cannot read passkey results {path}: {e}") from None
+    result = data.get("passkey", data) if isinstance(data, dict) else None
+    if not isinstance(result, dict) or not {"lengths", "depths", "accuracy"} <= set(result):
+        raise MemformersError(f"{path} holds no passkey result (lengths, depths, accuracy)")
+    return plot_passkey_heatmap(result, png or path.with_suffix(".png"),
+                                title=f"Passkey: {path.stem}")

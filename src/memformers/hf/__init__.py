@@ -11,12 +11,13 @@ Mistral, Qwen2) in ``transformers`` 5.x::
 
 Modules:
   retrofit.py   the memory-augmented attention wrappers, ``add_memory``, writing control
-  persist.py    ``save_memory`` / ``load_memory`` (memory-mapped) and ``load_pretrained``
+  persist.py    ``load_pretrained``; ``save_memory`` / ``load_memory`` (memory-mapped) are
+                those of every memformers model (``memformers.memory.persist``)
   lm.py         the trainer's model contract around a retrofitted model (``finetune``)
   cli.py        ``memformers memorize`` / ``memformers ask``
 """
 
-from memformers.hf.persist import load_memory, load_pretrained, save_memory
+from memformers.hf.persist import load_pretrained
 from memformers.hf.retrofit import (
     SUPPORTED_MODEL_TYPES,
     TRANSFORMERS_RANGE,
@@ -26,6 +27,7 @@ from memformers.hf.retrofit import (
     reset_memory,
     writing,
 )
+from memformers.memory.persist import load_memory, save_memory
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

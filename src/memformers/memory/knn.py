@@ -107,6 +107,10 @@ class KNNMemoryAttention(AttentionMemory):
             return
         self.store.load_state_tensors(tensors, copy=copy)
 
+    def adopt_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A full ring of the storage dtype becomes the store's buffer, uncopied."""
+        self.load_state_tensors(tensors, copy=False)
+
     def set_storage(self, capacity: int, storage_dtype: str | None = None) -> None:
         """Empty memories of ``capacity`` rows per (stream, head) (and ``storage_dtype``),
         e.g. those of a saved memory."""

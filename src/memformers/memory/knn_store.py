@@ -471,15 +471,17 @@ class FaissSearch(SearchBackend):
             if t is not None:
                 cents[s] = torch.from_numpy(t[2])
                 ok[s] = True
-        return {"ivf_centroids": cents, "ivf_trained": ok}
+        B, H = self.store.batch_size, self.store.n_heads  # stream first, like all state
+        return {"ivf_centroids": cents.view(B, H, self.nlist, d), "ivf_trained": ok.view(B, H)}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         self.clear_all()
-        if "ivf_trained" in tensors:
-            for s, ok in enumerate(tensors["ivf_trained"].tolist()):
+        if "ivf_trained" in tensors:  # (B, H) or, saved before streams came first, (S,)
+            cents = tensors["ivf_centroids"].reshape(-1, *tensors["ivf_centroids"].shape[-2:])
+            for s, ok in enumerate(tensors["ivf_trained"].flatten().tolist()):
                 if ok:
-                    cents = tensors["ivf_centroids"][s].float().numpy()
-                    self.trained[s] = self._ivf_template(np.ascontiguousarray(cents))
+                    cents_s = cents[s].float().numpy()
+                    self.trained[s] = self._ivf_template(np.ascontiguousarray(cents_s))
         if self.store.keys is None:
             return
         C, blk, H = self.store.capacity, self.blk, self.store.n_heads

@@ -9,12 +9,17 @@ memory, a continuous memory -- implements ``StreamState``:
 * ``reset(streams)``                clear exactly the flagged streams (new document)
 * ``detach()``                      cut the autograd graph (truncated BPTT)
 * ``state_tensors()`` / ``load_state_tensors()``  save/load as plain tensors
-  (safetensors-friendly, so memories can be checkpointed and inspected)
+  (safetensors-friendly, so memories can be checkpointed and inspected), every
+  one with the stream as its first dimension; zeros are the empty state
 * ``state_bytes_per_stream()``     footprint, for reports and up-front checks
 
 Modules own their state; the model finds them with ``iter_stream_states``.
 Writing state only happens when the forward pass is told to ``commit`` the
 segment, so generation can re-run a partial segment without side effects.
+
+``collect_state_tensors`` / ``load_collected_state_tensors`` move the state of a
+whole model, or of chosen streams: the state of stream i of one model can
+continue as stream j of another (``memformers.memory.persist`` puts it on disk).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from memformers.errors import MemformersError
 
 
 class StreamState:
@@ -43,6 +50,11 @@ class StreamState:
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+    def adopt_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Like ``load_state_tensors``, but may keep ``tensors`` as its own buffers instead of
+        copying them (e.g. a memory-mapped file that is then read only where searched)."""
+        self.load_state_tensors(tensors)
 
     def state_bytes_per_stream(self) -> int:
         raise NotImplementedError
@@ -89,20 +101,77 @@ def detach_states(model: nn.Module) -> None:
         s.detach()
 
 
-def collect_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All stream state as ``{"<module>.<name>": tensor}`` (contiguous CPU copies)."""
+def stream_count(model: nn.Module) -> int:
+    """Streams the model's state is allocated for (``model._batch_size`` where the model
+    keeps it, else read off the state tensors, e.g. of a Hugging Face retrofit)."""
+    if hasattr(model, "_batch_size"):
+        return model._batch_size
+    return max((t.shape[0] for _, s in iter_stream_states(model)
+                for t in s.state_tensors().values()), default=0)
+
+
+def collect_state_tensors(model: nn.Module, streams: list[int] | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """The stream state as ``{"<module>.<name>": tensor}`` (contiguous CPU copies): of every
+    stream, or of ``streams`` only (in that order)."""
     out = {}
     for mname, s in iter_stream_states(model):
         for k, t in s.state_tensors().items():
-            out[f"{mname}.{k}"] = t.detach().to("cpu").contiguous()
+            t = t.detach() if streams is None else t.detach()[streams]
+            out[f"{mname}.{k}"] = t.to("cpu").contiguous()
     return out
 
 
-def load_collected_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _padded(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in the corner of a zero (empty state) tensor of ``shape``."""
+    out = torch.zeros(shape, dtype=dtype)
+    out[tuple(slice(0, n) for n in t.shape)] = t.detach().to("cpu", dtype)
+    return out
+
+
+def _place_streams(current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor],
+                   into: list[int], n_streams: int) -> dict[str, torch.Tensor]:
+    """Every stream's tensors of one module: ``current`` with streams ``into`` replaced by
+    the rows of ``saved``. A tensor one side lacks is the empty state there (zeros); sizes
+    that differ (a kNN ring filled further, ...) are padded with zeros."""
+    out = {}
+    for name in [*current, *(k for k in saved if k not in current)]:
+        cur, new = current.get(name), saved.get(name)
+        present = [t for t in (cur, new) if t is not None]
+        if len({t.dim() for t in present}) > 1:
+            raise MemformersError(f"saved stream state '{name}' of shape {tuple(new.shape)} "
+                                  f"does not fit this model's {tuple(cur.shape)}")
+        dtype = present[0].dtype  # this model's own, where it has the tensor
+        size = tuple(max(n) for n in zip(*(t.shape[1:] for t in present)))
+        merged = (_padded(cur, (n_streams, *size), dtype) if cur is not None
+                  else torch.zeros((n_streams, *size), dtype=dtype))
+        merged[into] = (_padded(new, (len(into), *size), dtype) if new is not None
+                        else torch.zeros((len(into), *size), dtype=dtype))
+        out[name] = merged
+    return out
+
+
+def load_collected_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
+                                 into: list[int] | None = None, adopt: bool = False) -> None:
+    """Load ``collect_state_tensors``' output: as the whole state (``into`` None), or as the
+    state of streams ``into`` (one per saved stream) while every other stream keeps its own.
+
+    ``adopt``: a whole state may be kept as the modules' buffers (``adopt_state_tensors``).
+    """
+    n_streams = stream_count(model) if into is not None else 0
+    if into is not None and not all(0 <= i < n_streams for i in into):
+        raise MemformersError(f"streams {into} do not exist: the model holds state for "
+                              f"{n_streams} streams (allocate them first, e.g. "
+                              "model.allocate_state(B))")
     for mname, s in iter_stream_states(model):
         prefix = f"{mname}."
-        s.load_state_tensors({k[len(prefix):]: t for k, t in tensors.items()
-                              if k.startswith(prefix)})
+        saved = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        if into is not None:
+            s.load_state_tensors(_place_streams(s.state_tensors(), saved, into, n_streams))
+        elif adopt:
+            s.adopt_state_tensors(saved)
+        else:
+            s.load_state_tensors(saved)
 
 
 def state_bytes_per_stream(model: nn.Module) -> int:
