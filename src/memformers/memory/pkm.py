@@ -65,8 +65,11 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             mom = self.momentum if self.momentum is not None else 1.0 / float(
                 self.num_batches_tracked + 1)
             w = (count > 0).to(x.dtype) * mom
-            self.running_mean.lerp_(mean, w)
-            self.running_var.lerp_(unbiased, w)
+            # .data: the native kernel of an earlier segment in this backward window
+            # saved the buffers (unused by its training-mode backward); an in-place
+            # update on them would fail autograd's version check.
+            self.running_mean.data.lerp_(mean, w)
+            self.running_var.data.lerp_(unbiased, w)
             self.num_batches_tracked += 1
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight + self.bias if self.affine else y
