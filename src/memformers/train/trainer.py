@@ -34,6 +34,7 @@ from memformers.evaluate.lm import evaluate_lm, format_eval
 from memformers.memory.base import AttentionMemory
 from memformers.memory.pkm import resolve_sparse
 from memformers.memory.state import (
+    checkpoint_segment,
     collect_state_tensors,
     load_collected_state_tensors,
     state_bytes_per_stream,
@@ -120,22 +121,34 @@ class WindowLoss(torch.nn.Module):
     Returns (summed token loss + auxiliary losses, target tokens as a 0-d tensor). DDP wraps this
     module rather than the LM, so one forward/backward pair covers the window and
     DDP's unused-parameter search sees every segment's graph.
+
+    ``checkpoint_activations``: each segment keeps no activations for backward, which
+    runs it again (``memory.state.checkpoint_segment``): activation memory is then
+    one segment's, not ``bptt_segments``', for about one more forward of compute
+    (kNN layers still keep the keys and values they retrieved).
     """
 
-    def __init__(self, model: MemformerLM, autocast, world_size: int = 1):
+    def __init__(self, model: MemformerLM, autocast, world_size: int = 1,
+                 checkpoint_activations: bool = False):
         super().__init__()
         self.model, self.autocast, self.world_size = model, autocast, world_size
+        self.checkpoint_activations = checkpoint_activations
 
     def forward(self, segments: list[tuple[torch.Tensor, ...]]):
         total, n_tok = 0, 0  # n_tok stays on the device: no host sync per segment
+        run = checkpoint_segment if self.checkpoint_activations else _call
         for tokens, targets, new_doc, mask in segments:
             with self.autocast:
-                logits = self.model(tokens, new_doc=new_doc, mask=mask)
+                logits = run(self.model, tokens, new_doc=new_doc, mask=mask)
             # auxiliary losses are means over a rank's tokens: averaged over ranks
             total = total + lm_loss(logits, targets, reduction="sum") \
                 + aux_losses(self.model) / self.world_size
             n_tok = n_tok + (targets != -100).sum()
         return total, n_tok
+
+
+def _call(model: torch.nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model(tokens, **kwargs)
 
 
 class Trainer:
@@ -190,7 +203,8 @@ class Trainer:
             load_model_weights(self.model, ckpt / "model.safetensors")
         elif t.init_from:
             self._init_from(t.init_from)
-        self.window = WindowLoss(self.model, self.autocast, env.world_size)
+        self.window = WindowLoss(self.model, self.autocast, env.world_size,
+                                 t.checkpoint_activations)
         self.wrapped = D.wrap(self.window, self.model, t, env)  # FSDP2 shards self.model
         self.optimizers = build_optimizers(self.model, t)
         self.train_split = CorpusSplit.concat(
