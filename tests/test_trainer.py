@@ -1,5 +1,6 @@
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,23 @@ def test_torn_checkpoint_is_never_loaded(tiny_corpus, tmp_path):
     cfg.train.steps = 6
     t = Trainer(cfg, tmp_path / "r", resume=True, progress=False)
     assert t.step == 4
+
+
+def test_describe_prints_the_per_stream_state_of_each_memory(tiny_corpus, tmp_path):
+    cfg = load_config(None, [*TINY_MODEL, f"data.corpus=\"{tiny_corpus}\"", "train.steps=1",
+                             "model.infini.layers=[0, 1]", "model.xl_cache=true"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    text = trainer.describe()
+    m = cfg.model
+    infini = int(re.search(r"infini ([\d,]+) B", text).group(1).replace(",", ""))
+    assert infini == 2 * m.n_heads * m.head_dim * (m.head_dim + 1) * 4  # L x H x dk x (dv+1) x 4
+    memories = [b.attn.memory for b in trainer.model.blocks]
+    assert infini == sum(t[0].numel() * t.element_size()  # what the tensors really hold
+                         for mem in memories for t in mem.state_tensors().values())
+    xl = int(re.search(r"xl_cache ([\d,]+) B", text).group(1).replace(",", ""))
+    trainer.train_window()  # the cache is empty until the first segment is written
+    assert xl == sum(b.attn.cache.state_bytes_per_stream() for b in trainer.model.blocks) > 0
+    assert f"in all {infini + xl:,} B per stream" in text
 
 
 def test_lr_schedule_warmup_then_cosine():
