@@ -33,6 +33,8 @@ def test_unknown_config_key_suggests_closest(capsys, tmp_path):
     (["train", "--set", "model.knn.backend='faiss'", "--set", "model.knn.capacity=20000"],
      "multiple of model.knn.faiss_block"),
     (["train", "--resume", "--run-dir", "/nonexistent/run"], "not a memformers run directory"),
+    (["train", "--set", "model.hf_path='gpt2'", "--set", "train.checkpoint_activations=true"],
+     "train.checkpoint_activations does not support a Hugging Face model"),
 ])
 def test_error_paths_are_one_line(capsys, args, needle):
     code, err = run_cli(capsys, *args)

@@ -1,20 +1,24 @@
 """Infini-attention (REFERENCE.md sec. 3) against brute-force references."""
 
+import copy
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from memformers.config import ModelConfig
+from memformers.config import ModelConfig, load_config
+from memformers.data.streaming import Batch
 from memformers.memory.configs import InfiniConfig
-from memformers.memory.infini import InfiniMemory, gate_parameters
+from memformers.memory.infini import InfiniMemory, gate_parameters, sigma
 from memformers.memory.state import collect_state_tensors, load_collected_state_tensors
 from memformers.model import MemformerLM, lm_loss
+from memformers.model.attention import Attention
+from memformers.model.position import RelativePositionBias, Rotary
+from memformers.train.trainer import Trainer
+from tests.conftest import TINY_MODEL
 
 B, H, L, D = 3, 2, 5, 4
-
-
 
 
 def make(update="linear", **kw) -> InfiniMemory:
@@ -99,6 +103,36 @@ def test_delta_rule_equals_loop_reference():
     lin = make("linear")
     run(lin, [(q.float(), k.float(), v.float()) for q, k, v in segs])
     assert not torch.allclose(lin.M, mem.M, atol=1e-2)  # the delta term matters here
+
+
+def test_delta_rule_leaves_an_exactly_stored_binding_unchanged():
+    """sigma(K) rows one-hot (sigma(-inf) = 0, sigma(0) = 1) and V = sigma(K) M / (sigma(K) z):
+    M already returns V for these keys, so the delta term is 0 and M stays; z still
+    grows by sum_t sigma(K_t) (REFERENCE.md sec. 3: "z as above")."""
+    g = torch.Generator().manual_seed(11)
+    M = torch.randn(B, H, D, D, generator=g)
+    z = torch.rand(B, H, D, generator=g) + 0.5
+    slot = torch.arange(L) % D  # token t stores under key e_{t mod D} (two tokens share e_0)
+    k = torch.full((B, H, L, D), float("-inf"))
+    k[:, :, torch.arange(L), slot] = 0.0
+    sk = sigma(k)
+    assert torch.equal(sk, torch.nn.functional.one_hot(slot, D).float().expand(B, H, L, D))
+    v = (sk @ M) / (sk @ z.unsqueeze(-1))  # (B, H, L, D): exactly what M retrieves
+    q = torch.randn(B, H, L, D, generator=g)
+    ones = torch.ones(B, L, dtype=torch.bool)
+
+    def write(update, values):
+        mem = make(update)
+        mem.load_state_tensors({"M": M, "z": z})
+        mem(None, q, k, values, torch.zeros_like(values), ones, True)
+        return mem
+
+    mem = write("delta", v)
+    assert torch.equal(mem.M, M)
+    assert torch.allclose(mem.z, z + sk.sum(2)) and not torch.allclose(mem.z, z)
+    assert not torch.allclose(write("linear", v).M, M)  # linear adds sigma(K)^T V again
+    mem = write("delta", v + 1.0)  # a binding NOT stored yet: only the difference is added
+    assert torch.allclose(mem.M, M + sk.transpose(-2, -1) @ torch.ones_like(v))
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
@@ -233,6 +267,46 @@ def test_state_stays_float32_under_bf16_autocast():
     assert torch.allclose(mem.z, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("position", ["rope", "t5"])
+def test_memory_path_has_no_position_encoding(position):
+    """The same layer with and without its position encoding, on the same two segments
+    (XL cache: segment 2's queries sit at positions L..2L-1): local attention changes,
+    while the memory's inputs, its retrieval A_mem and its state do not."""
+    torch.manual_seed(12)
+    d_model, n_heads, d = 16, 2, 8
+    rel_bias = RelativePositionBias(n_heads) if position == "t5" else None
+
+    def layer(encoded: bool) -> Attention:
+        mem = InfiniMemory(InfiniConfig(layers=[0]), n_heads=n_heads, head_dim=d,
+                           d_model=d_model)
+        rotary = Rotary(d) if encoded and position == "rope" else None
+        return Attention(d_model, n_heads, d, xl_cache=True, memory=mem, rotary=rotary)
+
+    plain, encoded = layer(False), layer(True)
+    encoded.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 2, 6, d_model)  # (segment, B, L, D)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    seen = {}
+    for name, attn in (("plain", plain), ("encoded", encoded)):
+        calls = []
+        attn.memory.register_forward_hook(lambda m, args, out, calls=calls:
+                                          calls.append((*args[1:5], out)))
+        bias = rel_bias if name == "encoded" else None
+        for seg in x:
+            attn(seg, mask, bias)
+        seen[name] = calls
+    g = torch.sigmoid(plain.memory.gate.detach())[None, :, None, None]  # (1, H, 1, 1)
+    for s, ((q, k, v, local, out), (q2, k2, v2, local2, out2)) in enumerate(
+            zip(seen["plain"], seen["encoded"])):
+        assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+        assert not torch.allclose(local, local2, atol=1e-4)  # positions matter there
+        a_mem, a_mem2 = ((o - (1 - g) * lo) / g for o, lo in ((out, local), (out2, local2)))
+        assert torch.allclose(a_mem, a_mem2, atol=1e-6)
+        assert (a_mem.abs().max() > 0.1) == (s == 1)  # segment 2 retrieves segment 1
+    assert torch.equal(plain.memory.M, encoded.memory.M)
+    assert torch.equal(plain.memory.z, encoded.memory.z)
+
+
 def tiny_lm(**kw) -> MemformerLM:
     torch.manual_seed(0)
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, head_dim=8, d_ff=64, vocab_size=50,
@@ -337,3 +411,41 @@ def test_trainer_gives_gates_their_own_group():
     groups = [g for g in opt.param_groups if any(p is gate for p in g["params"])]
     assert len(groups) == 1 and groups[0]["lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
     assert len(groups[0]["params"]) == 1
+
+
+@pytest.mark.parametrize("bptt", [2, 3])
+def test_trainer_bptt_window_is_the_truncation(bptt, tiny_corpus, tmp_path):
+    """Six segments with disjoint token ranges, a loss on the last one only: through the
+    compressive memory its gradient reaches the tokens of the earlier segments of its
+    window and none before; and the trainer's gradients equal a hand-unrolled run."""
+    cfg = load_config(None, [*TINY_MODEL, f"data.corpus=\"{tiny_corpus}\"",
+                             "model.infini.layers=[0, 1]", "model.tie_embeddings=false",
+                             f"train.bptt_segments={bptt}"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    ref = copy.deepcopy(trainer.model)
+    n_seg, n_tok, span = 6, cfg.data.segment_len, 30  # segment i uses tokens [30 i, 30 i + 30)
+    g = torch.Generator().manual_seed(13)
+    batches = []
+    for i in range(n_seg):
+        tokens = torch.randint(span * i, span * (i + 1), (2, n_tok), generator=g)
+        targets = tokens if i == n_seg - 1 else torch.full_like(tokens, -100)
+        pos = torch.arange(n_tok * i, n_tok * (i + 1)).expand(2, n_tok)
+        batches.append(Batch(tokens, targets, torch.ones_like(tokens, dtype=torch.bool),
+                             torch.zeros(2, dtype=torch.bool), pos, torch.zeros(2).long()))
+    trainer.stream = iter(batches)
+    for _ in range(n_seg // bptt):
+        trainer.train_window()
+
+    rows = trainer.model.embed.weight.grad.abs().sum(1)  # (V,)
+    reached = [bool(rows[span * i:span * (i + 1)].sum() > 0) for i in range(n_seg)]
+    assert reached == [i >= n_seg - bptt for i in range(n_seg)]
+
+    for i, b in enumerate(batches):  # the same by hand: detach after every bptt segments
+        logits = ref(b.tokens, new_doc=b.new_doc, mask=b.mask)
+        if (i + 1) % bptt == 0:
+            ref.detach_state()
+    (lm_loss(logits, b.targets, reduction="sum") / b.mask.sum()).backward()
+    for (name, p), q in zip(trainer.model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name

@@ -296,3 +296,14 @@ def test_masked_batchnorm_without_padding_matches_batchnorm1d():
     zz = torch.cat([z, torch.zeros(1, 4)])
     out = man(zz, torch.cat([torch.ones(10, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)]))
     assert torch.allclose(out[:10], ref(z), atol=1e-5)
+
+
+def test_padded_segment_after_a_full_one_backpropagates_through_both():
+    """BPTT window: the native kernel of segment 1 saves the running statistics, which
+    the masked update of a padded segment 2 then changes (autograd version check)."""
+    bn = MaskedBatchNorm1d(4)
+    z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    mask = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    (bn(z1, None).square().sum() + bn(z2, mask).square().sum()).backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad[mask].abs().sum() > 0
+    assert int(bn.num_batches_tracked) == 2

@@ -1,18 +1,24 @@
+import copy
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from memformers.config import load_config
+from memformers.config import ModelConfig, load_config
 from memformers.evaluate.lm import format_eval
+from memformers.memory.configs import InfiniConfig, KNNConfig
+from memformers.memory.state import collect_state_tensors
+from memformers.model import MemformerLM
 from memformers.train.optim import lr_factor
-from memformers.train.trainer import Trainer
+from memformers.train.trainer import Trainer, WindowLoss
 from tests.conftest import TINY_MODEL
 
 
@@ -98,6 +104,23 @@ def test_torn_checkpoint_is_never_loaded(tiny_corpus, tmp_path):
     assert t.step == 4
 
 
+def test_describe_prints_the_per_stream_state_of_each_memory(tiny_corpus, tmp_path):
+    cfg = load_config(None, [*TINY_MODEL, f"data.corpus=\"{tiny_corpus}\"", "train.steps=1",
+                             "model.infini.layers=[0, 1]", "model.xl_cache=true"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    text = trainer.describe()
+    m = cfg.model
+    infini = int(re.search(r"infini ([\d,]+) B", text).group(1).replace(",", ""))
+    assert infini == 2 * m.n_heads * m.head_dim * (m.head_dim + 1) * 4  # L x H x dk x (dv+1) x 4
+    memories = [b.attn.memory for b in trainer.model.blocks]
+    assert infini == sum(t[0].numel() * t.element_size()  # what the tensors really hold
+                         for mem in memories for t in mem.state_tensors().values())
+    xl = int(re.search(r"xl_cache ([\d,]+) B", text).group(1).replace(",", ""))
+    trainer.train_window()  # the cache is empty until the first segment is written
+    assert xl == sum(b.attn.cache.state_bytes_per_stream() for b in trainer.model.blocks) > 0
+    assert f"in all {infini + xl:,} B per stream" in text
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = load_config(None, ["train.steps=100", "train.warmup_steps=10",
                              "train.min_lr_ratio=0.1"]).train
@@ -106,3 +129,84 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(100, cfg) == pytest.approx(0.1)
     assert lr_factor(55, cfg) == pytest.approx(0.55)
+
+
+# --------------------------------------------------------------------------- BPTT windows
+
+
+def tiny_lm(**kw) -> MemformerLM:
+    torch.manual_seed(0)
+    return MemformerLM(ModelConfig(n_layers=2, d_model=32, n_heads=4, head_dim=8, d_ff=64,
+                                   vocab_size=50, **kw))
+
+
+def window_segments(n: int, B: int = 2, L: int = 16, seed: int = 1) -> list[tuple]:
+    """(tokens, targets, new_doc, mask) x n; stream 1 starts a new document in segment 2
+    and the last segment is partly padding."""
+    g = torch.Generator().manual_seed(seed)
+    segs = []
+    for s in range(n):
+        mask = torch.ones(B, L, dtype=torch.bool)
+        if s == n - 1:
+            mask[0, L // 2:] = False
+        targets = torch.randint(0, 50, (B, L), generator=g).masked_fill(~mask, -100)
+        segs.append((torch.randint(0, 50, (B, L), generator=g), targets,
+                     torch.tensor([s == 0, s in (0, 2)]), mask))
+    return segs
+
+
+def run_windows(model, segs, bptt: int, checkpoint: bool):
+    """The trainer's loop: windows of ``bptt`` segments, one backward each, then detach."""
+    torch.manual_seed(5)  # same dropout masks in both runs
+    window = WindowLoss(model, nullcontext(), checkpoint_activations=checkpoint)
+    losses = []
+    for i in range(0, len(segs), bptt):
+        total, _ = window(segs[i:i + bptt])
+        total.backward()
+        model.detach_state()
+        losses.append(total.detach())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return torch.stack(losses), grads, collect_state_tensors(model)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(infini=InfiniConfig(layers=[0, 1], update="delta"), position="rope", dropout=0.1),
+    dict(xl_cache=True, knn=KNNConfig(layers=[1], capacity=24, top_k=4)),
+], ids=["infini", "xl+knn"])
+def test_checkpoint_activations_changes_nothing_but_memory(kw):
+    model = tiny_lm(**kw)
+    segs = window_segments(6)
+    (loss_a, grads_a, state_a), (loss_b, grads_b, state_b) = (
+        run_windows(copy.deepcopy(model), segs, bptt=3, checkpoint=ck) for ck in (False, True))
+    assert torch.allclose(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == len(list(model.parameters()))
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name
+    assert state_a.keys() == state_b.keys() and state_a
+    for name in state_a:  # the recomputation wrote nothing twice
+        assert torch.equal(state_a[name], state_b[name]), name
+    if "knn" in kw:  # each real token written once since the stream's last new document
+        assert state_b["blocks.1.attn.memory.count"].tolist() == [6 * 16 - 8, 4 * 16]
+
+
+def test_checkpoint_activations_saves_no_activations_for_backward():
+    """Bytes autograd keeps for backward during a 3-segment window: with checkpointing
+    only the loss's own (the logits' log-softmax) remain; the segments' are recomputed."""
+
+    def saved_bytes(checkpoint: bool) -> int:
+        model = tiny_lm(infini=InfiniConfig(layers=[0, 1]))
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        window = WindowLoss(model, nullcontext(), checkpoint_activations=checkpoint)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            total, _ = window(window_segments(3, L=64))
+        total.backward()
+        return sum(storages.values())
+
+    plain, ckpt = saved_bytes(False), saved_bytes(True)
+    print(f"saved for backward: {plain:,} B plain, {ckpt:,} B checkpointed")
+    assert ckpt * 10 < plain

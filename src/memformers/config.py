@@ -75,7 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     bptt_segments: int = 1  # detach carried state every N segments
-    checkpoint_activations: bool = False
+    checkpoint_activations: bool = False  # recompute each segment in backward (bounded memory)
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 100
     log_every: int = 10
@@ -252,6 +252,9 @@ def validate(cfg: RunConfig) -> None:
                "a Hugging Face model takes one kind of memory: model.knn or model.infini")
         _check(not t.init_from, "train.init_from does not apply to a Hugging Face model "
                                 "(model.hf_path already names its weights)")
+        _check(not t.checkpoint_activations,
+               "train.checkpoint_activations does not support a Hugging Face model "
+               "(model.hf_path)")
     used: dict[int, str] = {}
     for name in ("knn", "infini", "continuous"):
         sub = getattr(m, name)

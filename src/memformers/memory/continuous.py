@@ -60,6 +60,8 @@ def gaussian_kl(mu: torch.Tensor, var: torch.Tensor, mu0: float, sigma0: float) 
 
 
 class ContinuousMemory(AttentionMemory):
+    carried = ("coef", "filled", "hist", "aux_loss")  # all rebound, never written in place
+
     def __init__(self, cfg: ContinuousConfig, *, n_heads: int, head_dim: int, d_model: int):
         super().__init__()
         if cfg.n_basis <= 0 or not cfg.widths or cfg.n_basis % len(cfg.widths):

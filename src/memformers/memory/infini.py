@@ -54,6 +54,8 @@ def sigma(x: torch.Tensor) -> torch.Tensor:
 class InfiniMemory(AttentionMemory):
     """Per-head compressive memory gated with local attention (Infini-attention)."""
 
+    carried = ("M", "z")  # updated out of place: references are snapshots
+
     def __init__(self, cfg: InfiniConfig, *, n_heads: int, head_dim: int, d_model: int):
         super().__init__()
         if cfg.update not in ("linear", "delta"):

@@ -29,6 +29,7 @@ from memformers.errors import MemformersError
 from memformers.memory.base import AttentionMemory
 from memformers.memory.configs import KNNConfig
 from memformers.memory.knn_store import KNNStore, knn_footprint_bytes
+from memformers.memory.state import remember, replaying
 
 
 class KNNMemoryAttention(AttentionMemory):
@@ -54,22 +55,31 @@ class KNNMemoryAttention(AttentionMemory):
         return q, k, 1.0
 
     def forward(self, x, q, k, v, local_out, mask, commit):
-        B, H, L, d = q.shape
+        # The store is written in place: a checkpointed segment recomputed in backward
+        # reads what its first run retrieved and writes nothing (memory/state.py).
+        hit = remember(self, lambda: None if self.store.is_empty() else self._retrieve(q))
         out = local_out
-        if not self.store.is_empty():
-            out = self._read(q, local_out)
+        if hit is not None:
+            out = self._read(q, local_out, *hit)
         elif self.touch_skipped_parameters:  # FSDP2: a zero gradient for the unused gate
             out = local_out + 0.0 * self.gate.sum().to(local_out.dtype)
-        if commit:
+        if commit and not replaying():
             self.store.write(k, v, mask)
         return out
 
-    def _read(self, q: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
+    def _retrieve(self, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The top-k stored (keys, values) (S, L, k, d) fp32 and ring slots (S, L, k), -1
+        where a memory holds fewer than k rows; constants (no gradient)."""
+        B, H, L, d = q.shape
+        k_top = min(self.cfg.top_k, self.cfg.capacity)
+        _, slots = self.store.search(q.detach().float().reshape(B * H, L, d), k_top)
+        k_mem, v_mem = self.store.gather(slots)
+        return k_mem, v_mem, slots
+
+    def _read(self, q: torch.Tensor, local_out: torch.Tensor, k_mem: torch.Tensor,
+              v_mem: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         B, H, L, d = q.shape
         qf = q.float().reshape(B * H, L, d)  # (S, L, d)
-        k_top = min(self.cfg.top_k, self.cfg.capacity)
-        _, slots = self.store.search(qf, k_top)  # (S, L, k), no grad
-        k_mem, v_mem = self.store.gather(slots)  # (S, L, k, d) fp32, constants
         scores = torch.einsum("sld,slkd->slk", qf, k_mem)  # grad -> q only
         scores = scores.masked_fill(slots < 0, float("-inf"))
         found = (slots >= 0).any(-1, keepdim=True)  # (S, L, 1) at least one memory
@@ -96,7 +106,8 @@ class KNNMemoryAttention(AttentionMemory):
         self.store.allocate(batch_size, device)
 
     def reset(self, streams: torch.Tensor) -> None:
-        self.store.reset(streams)
+        if not replaying():  # the recomputation of a segment leaves the store alone
+            self.store.reset(streams)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.store.state_tensors()

@@ -36,6 +36,7 @@ from torch import nn
 
 from memformers.errors import MemformersError
 from memformers.memory.configs import PKMConfig
+from memformers.memory.state import replaying
 
 # --------------------------------------------------------------------------- query norm
 
@@ -53,21 +54,30 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
-        if x.shape[0] > 1 and (mask is None or bool(mask.all())):
-            return super().forward(x)  # no padding: the fused native kernel
+        # A checkpointed segment run again in backward: the statistics were updated once.
+        update = not replaying()
+        if x.shape[0] > 1 and (mask is None or bool(mask.all())):  # no padding: native kernel
+            if update:
+                return super().forward(x)
+            return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(),
+                                self.weight, self.bias, True, 0.0, self.eps)  # same kernel
         m = (torch.ones_like(x[:, 0]) if mask is None else mask.to(x.dtype))[:, None]  # (T, 1)
         count = m.sum()
         n = count.clamp(min=1)
         mean = (x * m).sum(0) / n  # (C,)
         var = ((x - mean).square() * m).sum(0) / n  # biased, used to normalise
-        with torch.no_grad():  # a batch without real tokens updates nothing
-            unbiased = var * (count / (count - 1).clamp(min=1))
-            mom = self.momentum if self.momentum is not None else 1.0 / float(
-                self.num_batches_tracked + 1)
-            w = (count > 0).to(x.dtype) * mom
-            self.running_mean.lerp_(mean, w)
-            self.running_var.lerp_(unbiased, w)
-            self.num_batches_tracked += 1
+        if update:
+            with torch.no_grad():  # a batch without real tokens updates nothing
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                mom = self.momentum if self.momentum is not None else 1.0 / float(
+                    self.num_batches_tracked + 1)
+                w = (count > 0).to(x.dtype) * mom
+                # .data: the native kernel of an earlier segment in this backward window
+                # saved the buffers (unused by its training-mode backward); an in-place
+                # update on them would fail autograd's version check.
+                self.running_mean.data.lerp_(mean, w)
+                self.running_var.data.lerp_(unbiased, w)
+                self.num_batches_tracked += 1
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight + self.bias if self.affine else y
 
@@ -296,7 +306,7 @@ class ProductKeyMemory(nn.Module):
         xf = x.reshape(B * L, D)
         m = mask.reshape(B * L) if mask is not None else None
         weights, slots = self.lookup(xf, m)
-        if self.usage.enabled:
+        if self.usage.enabled and not replaying():
             self.usage.add(slots, weights, m)
         H, k = self.heads, self.top_k
         table = self.values.weight

@@ -15,6 +15,8 @@ from memformers.memory.state import StreamState
 
 
 class XLCache(StreamState, nn.Module):
+    carried = ("keys", "values", "valid")
+
     def __init__(self, n_heads: int, head_dim: int):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim

@@ -31,13 +31,17 @@ from memformers.data.streaming import DocumentStreams
 from memformers.data.tokenizer import load_tokenizer
 from memformers.errors import MemformersError
 from memformers.evaluate.lm import evaluate_lm, format_eval
+from memformers.memory import ATTENTION_MEMORIES
 from memformers.memory.base import AttentionMemory
 from memformers.memory.pkm import resolve_sparse
 from memformers.memory.state import (
+    checkpoint_segment,
     collect_state_tensors,
+    iter_stream_states,
     load_collected_state_tensors,
     state_bytes_per_stream,
 )
+from memformers.memory.xl_cache import XLCache
 from memformers.model import MemformerLM, build_model, lm_loss
 from memformers.pretrained import resolve_weights
 from memformers.train import distributed as D
@@ -54,7 +58,8 @@ from memformers.train.checkpoint import (
 from memformers.train.distributed import resolve_device
 from memformers.train.optim import build_optimizers, set_lr
 
-__all__ = ["Trainer", "WindowLoss", "autocast_for", "gate_report", "resolve_device"]
+__all__ = ["Trainer", "WindowLoss", "autocast_for", "gate_report", "resolve_device",
+           "state_report"]
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -74,6 +79,40 @@ def gate_report(model: torch.nn.Module) -> dict[str, list[float]]:
                 out[name.replace(".attn.memory", "")] = [round(float(x), 4)
                                                          for x in D.full_tensor(g)]
     return out
+
+
+def state_report(model: torch.nn.Module, segment_len: int, n_streams: int,
+                 cache_itemsize: int = 4) -> str:
+    """One line: the per-stream state bytes of each memory mechanism, printed before training.
+
+    Infini-attention: layers x H x d_k x (d_v + 1) x 4 B (float32 M and z; REFERENCE.md
+    sec. 3), whatever the context length. The XL cache is empty until the first segment:
+    layers x 2 (keys, values) x H x segment_len x d x ``cache_itemsize`` + segment_len
+    (validity flags). kNN and continuous memories: their own ``state_bytes_per_stream``.
+    """
+    kinds = {path: name for name, path in ATTENTION_MEMORIES.items()}
+    layers: dict[str, list] = {}
+    for _, s in iter_stream_states(model):
+        kind = kinds.get(f"{type(s).__module__}:{type(s).__name__}", type(s).__name__)
+        layers.setdefault("xl_cache" if isinstance(s, XLCache) else kind, []).append(s)
+    if not layers:
+        return "per-stream state: none"
+    parts, total = [], 0
+    for kind, mods in layers.items():
+        m, n = mods[0], f"{len(mods)} layer{'s' if len(mods) > 1 else ''}"
+        if kind == "xl_cache":
+            size = len(mods) * (2 * m.n_heads * segment_len * m.head_dim * cache_itemsize
+                                + segment_len)
+            how = (f"{n} x (2 x {m.n_heads} heads x {segment_len} x {m.head_dim} x "
+                   f"{cache_itemsize} B + {segment_len})")
+        else:
+            size = sum(s.state_bytes_per_stream() for s in mods)
+            how = (f"{n} x {m.n_heads} heads x {m.head_dim} x ({m.head_dim} + 1) x 4 B"
+                   if kind == "infini" else n)
+        parts.append(f"{kind} {size:,} B ({how})")
+        total += size
+    return (f"per-stream state: {'; '.join(parts)}; in all {total:,} B per stream, "
+            f"{total * n_streams:,} B for {n_streams} streams")
 
 
 def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
@@ -120,22 +159,34 @@ class WindowLoss(torch.nn.Module):
     Returns (summed token loss + auxiliary losses, target tokens as a 0-d tensor). DDP wraps this
     module rather than the LM, so one forward/backward pair covers the window and
     DDP's unused-parameter search sees every segment's graph.
+
+    ``checkpoint_activations``: each segment keeps no activations for backward, which
+    runs it again (``memory.state.checkpoint_segment``): activation memory is then
+    one segment's, not ``bptt_segments``', for about one more forward of compute
+    (kNN layers still keep the keys and values they retrieved).
     """
 
-    def __init__(self, model: MemformerLM, autocast, world_size: int = 1):
+    def __init__(self, model: MemformerLM, autocast, world_size: int = 1,
+                 checkpoint_activations: bool = False):
         super().__init__()
         self.model, self.autocast, self.world_size = model, autocast, world_size
+        self.checkpoint_activations = checkpoint_activations
 
     def forward(self, segments: list[tuple[torch.Tensor, ...]]):
         total, n_tok = 0, 0  # n_tok stays on the device: no host sync per segment
+        run = checkpoint_segment if self.checkpoint_activations else _call
         for tokens, targets, new_doc, mask in segments:
             with self.autocast:
-                logits = self.model(tokens, new_doc=new_doc, mask=mask)
+                logits = run(self.model, tokens, new_doc=new_doc, mask=mask)
             # auxiliary losses are means over a rank's tokens: averaged over ranks
             total = total + lm_loss(logits, targets, reduction="sum") \
                 + aux_losses(self.model) / self.world_size
             n_tok = n_tok + (targets != -100).sum()
         return total, n_tok
+
+
+def _call(model: torch.nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model(tokens, **kwargs)
 
 
 class Trainer:
@@ -190,7 +241,8 @@ class Trainer:
             load_model_weights(self.model, ckpt / "model.safetensors")
         elif t.init_from:
             self._init_from(t.init_from)
-        self.window = WindowLoss(self.model, self.autocast, env.world_size)
+        self.window = WindowLoss(self.model, self.autocast, env.world_size,
+                                 t.checkpoint_activations)
         self.wrapped = D.wrap(self.window, self.model, t, env)  # FSDP2 shards self.model
         self.optimizers = build_optimizers(self.model, t)
         self.train_split = CorpusSplit.concat(
@@ -247,15 +299,19 @@ class Trainer:
     def describe(self) -> str:
         c, env = self.cfg, self.dist
         n = self.model.num_parameters()
+        cache_dtype = getattr(self.autocast, "fast_dtype", torch.float32)  # bf16 autocast
+        state = state_report(self.model, c.data.segment_len,
+                             c.data.batch_size // env.world_size, cache_dtype.itemsize)
         if c.model.hf_path:
             return (f"{self.model.describe()}; estimated footprint "
-                    f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)")
+                    f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)\n"
+                    f"{state}")
         mech = [k for k in ("knn", "pkm", "infini", "continuous")
                 if getattr(c.model, k).layers]
         text = (f"model: {n / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
                 f"{c.model.d_model}, xl_cache={c.model.xl_cache}, memory: "
                 f"{', '.join(mech) or 'none'}; estimated footprint "
-                f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)")
+                f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)\n{state}")
         if env.enabled:
             shard = " + sharded PKM values" if c.train.shard_pkm_values else ""
             text += (f"\n{env.world_size} processes ({c.train.parallel}{shard}, "
