@@ -35,6 +35,11 @@ def test_unknown_config_key_suggests_closest(capsys, tmp_path):
     (["train", "--resume", "--run-dir", "/nonexistent/run"], "not a memformers run directory"),
     (["train", "--set", "model.hf_path='gpt2'", "--set", "train.checkpoint_activations=true"],
      "train.checkpoint_activations does not support a Hugging Face model"),
+    (["sorting", "--config", "configs/baseline.toml", "--lengths", "64,abc"], "--lengths"),
+    (["sorting", "--config", "configs/baseline.toml", "--lengths", "0"], "--lengths"),
+    (["sorting", "--config", "configs/baseline.toml", "--lengths", "64", "--steps", "0"],
+     "--steps"),
+    (["sorting", "--config", "nope.toml", "--lengths", "64"], "config file not found"),
 ])
 def test_error_paths_are_one_line(capsys, args, needle):
     code, err = run_cli(capsys, *args)
@@ -65,6 +70,23 @@ def test_corrupt_checkpoint_is_reported(capsys, tiny_corpus, tmp_path):
     capsys.readouterr()
     code, err = run_cli(capsys, "eval", str(run))
     assert code == 2 and "cannot read weights" in err
+
+
+def test_sorting_command_trains_scores_and_writes_results(capsys, tmp_path):
+    sets = [x for s in [*TINY_MODEL, "model.xl_cache=true"] for x in ("--set", s)]
+    out = tmp_path / "sorting"
+    assert main(["sorting", "--config", "configs/baseline.toml", *sets, "--lengths", "40,70",
+                 "--steps", "2", "--samples", "3", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["length", "accuracy", "loss", "train", "s"]
+    record = json.loads((out / "results.json").read_text())
+    assert record["steps"] == 2 and record["config"]["model"]["xl_cache"] is True
+    assert list(record["sorting"]) == ["40", "70"]
+    for row, (t, r) in zip(printed[1:3], record["sorting"].items()):
+        assert r["length"] == int(t) and r["steps"] == 2 and r["samples"] == 3
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 and r["train_seconds"] > 0
+        assert row.split()[:2] == [t, f"{r['accuracy']:.1%}"]
+    assert (out / "sorting.png").stat().st_size > 1000
 
 
 def test_console_entry_point_runs():

@@ -103,7 +103,7 @@ def test_report_has_one_row_per_variant_with_expected_columns(compared):
         mean_pk = float(np.mean(v["passkey"]["accuracy"][0]))
         assert cell["passkey@320"] == f"{mean_pk:.0%}"
         assert cell["sorting@12"] == f"{v['sorting']['12']['accuracy']:.1%}"
-    for png in ["loss_by_position.png", "loss_diff.png", "gates.png",
+    for png in ["loss_by_position.png", "loss_diff.png", "gates.png", "sorting.png",
                 "passkey-baseline.png", "passkey-xl.png", "passkey-xl+infini.png"]:
         assert (out / png).stat().st_size > 1000, png
     assert not (out / "memory_sweep.png").exists()  # no kNN variant: no sweep plot
@@ -362,9 +362,32 @@ def test_report_survives_missing_optional_parts(tmp_path):
     report = write_report(results, tmp_path)
     text = report.read_text()
     assert "| only |" in text and "Passkey" not in text and "gates" not in text.lower()
+    assert "## Sorting" not in text
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["loss_by_position.png"]
     assert json.loads((tmp_path / "results.json").read_text())["loss_diff"] is None
     assert "only" in print_table(results)
+
+
+def test_sorting_section_and_plot_when_sorting_results_exist(tmp_path):
+    def sorting(*accuracies):
+        return {str(t): {"length": t, "accuracy": a, "loss": 1.5, "train_seconds": 60.0}
+                for t, a in zip((4096, 1024, 2048), accuracies)}  # keys in no particular order
+    results = {"name": "sorting", "eval": {"sorting_steps": 300, "sorting_samples": 64},
+               "variants": [_fake_variant("xl", None, sorting=sorting(0.2, 0.6, 0.4)),
+                            _fake_variant("xl+continuous", None, sorting=sorting(0.5, 0.6, 0.55)),
+                            _fake_variant("no-sorting", None)]}
+    text = write_report(results, tmp_path).read_text()
+    assert (tmp_path / "sorting.png").stat().st_size > 1000
+    section = text.split("## Sorting", 1)[1].split("\n## ", 1)[0]
+    assert "![sorting](sorting.png)" in section and "300 steps" in section
+    # one row per (variant, length), lengths in increasing order; none for no-sorting
+    rows = [ln for ln in section.splitlines() if ln.startswith("| xl") or "no-sorting" in ln]
+    assert rows[:3] == ["| xl | 1,024 | 60.0% | 1.5000 | 60 |",
+                        "| xl | 2,048 | 40.0% | 1.5000 | 60 |",
+                        "| xl | 4,096 | 20.0% | 1.5000 | 60 |"]
+    assert len(rows) == 6
+    assert json.loads((tmp_path / "results.json").read_text())["plots"]["sorting"] == \
+        "sorting.png"
 
 
 def test_report_lists_product_key_slot_usage(tmp_path):

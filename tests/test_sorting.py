@@ -1,8 +1,14 @@
 from collections import Counter
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from memformers.compare import harness
+from memformers.compare.harness import segments_needing_grad, sorting_segments, train_sorting
+from memformers.config import load_config
 from memformers.errors import MemformersError
 from memformers.tasks.sorting import (
     SortingTask,
@@ -11,6 +17,7 @@ from memformers.tasks.sorting import (
     sort_by_frequency,
     target_accuracy,
 )
+from tests.conftest import TINY_MODEL
 
 
 def brute_sort(seq, vocab):
@@ -88,3 +95,61 @@ def test_lm_layout_scores_only_the_target():
     assert target_accuracy(pred, y) == pytest.approx(1 - 1 / 60)
     with pytest.raises(MemformersError):
         make_sorting_example(0, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------- training on it
+
+
+def test_only_the_target_segments_are_scored():
+    # T=100 + 20 targets = 120 positions in segments of 32: the targets (100..119) are in #3
+    assert sorting_segments(SortingTask(100), 32) == (4, [False, False, False, True])
+    # T=60: targets 60..79 straddle segments #1 (32..63) and #2 (64..95)
+    assert sorting_segments(SortingTask(60), 32) == (3, [False, True, True])
+
+
+def test_segments_needing_grad_follow_the_bptt_window():
+    scored = [False, False, False, True, True]
+    assert segments_needing_grad(scored, 1) == [False, False, False, True, True]
+    # blocks [0 1] [2 3] [4]: #2 shares a block with scored #3
+    assert segments_needing_grad(scored, 2) == [False, False, True, True, True]
+    assert segments_needing_grad(scored, 3) == [False, False, False, True, True]
+    assert segments_needing_grad(scored, 8) == [True] * 5
+    # a segment after the last scored one reaches no loss
+    assert segments_needing_grad([True, False], 2) == [True, False]
+
+
+def _train_weights(cfg) -> dict[str, torch.Tensor]:
+    # One attention kernel for both code paths: on CPU, PyTorch's scaled_dot_product_attention
+    # takes its flash kernel when the additive mask needs no gradient (under no_grad) and the
+    # math kernel otherwise, which differ in the last bits (~1e-7).
+    with sdpa_kernel(SDPBackend.MATH):
+        model, _ = train_sorting(cfg, 150, 3, torch.device("cpu"), nullcontext(), progress=False)
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_no_grad_segments_train_exactly_the_same_weights(monkeypatch):
+    """Running the unscored segments under no_grad changes nothing but the speed.
+
+    T=150 in segments of 32: 6 segments, targets in #4 and #5; BPTT blocks [0 1 2] [3 4 5],
+    so #3 needs its graph (Infini-attention's state is not detached inside a block) and
+    #0-#2 do not. Every memory kind is in the model: XL cache, kNN, continuous (sticky),
+    Infini-attention. The reference runs every segment with autograd (the old code path).
+    """
+    cfg = load_config(None, [*TINY_MODEL, "model.n_layers=3", "model.xl_cache=true",
+                             "model.knn.layers=[0]", "model.knn.capacity=256",
+                             "model.continuous.layers=[1]", "model.continuous.n_basis=16",
+                             "model.continuous.n_samples=16", "model.infini.layers=[2]",
+                             "train.bptt_segments=3"])
+    assert segments_needing_grad(sorting_segments(SortingTask(150), 32)[1], 3) == \
+        [False, False, False, True, True, True]
+    fast = _train_weights(cfg)
+    with monkeypatch.context() as m:  # the old code path: autograd on every segment
+        m.setattr(harness, "segments_needing_grad", lambda scored, window: [True] * len(scored))
+        reference = _train_weights(cfg)
+    with monkeypatch.context() as m:  # a wrong choice (#3 without graph) is caught
+        m.setattr(harness, "segments_needing_grad", lambda scored, window: list(scored))
+        wrong = _train_weights(cfg)
+    assert fast.keys() == reference.keys()
+    for name in fast:
+        assert torch.equal(fast[name], reference[name]), name
+    assert any(not torch.equal(wrong[n], reference[n]) for n in fast)

@@ -7,6 +7,8 @@
                     [--memory-sweep-xl on,off]] [--passkey-lengths N,N] [--out DIR]
     memformers generate RUN_DIR --prompt TEXT [--tokens N]
     memformers compare CONFIG            (train + evaluate variants on equal terms)
+    memformers sorting --config FILE --lengths 1024,2048 [--steps N] [--samples M]
+                                         (the infinity-former's sorting task, one model)
     memformers finetune --hf-model DIR   (a Hugging Face model with retrofitted memory)
     memformers memorize / ask            (a text into a model's memory; answer from it)
     memformers demo [--quick]            (the main job: see README)
@@ -204,6 +206,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def parse_lengths(text: str) -> list[int]:
+    """``"1024,2048"`` -> [1024, 2048]; anything else is a one-line error."""
+    try:
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) <= 0:
+        raise MemformersError(f"--lengths must be positive integers separated by commas, "
+                              f"got '{text}'")
+    return lengths
+
+
+def format_sorting(results: dict[str, dict]) -> str:
+    """length / accuracy / loss / train seconds, one row per length."""
+    lines = [f"{'length':>8}  {'accuracy':>8}  {'loss':>7}  {'train s':>8}"]
+    for r in results.values():
+        lines.append(f"{r['length']:>8}  {r['accuracy']:>8.1%}  {r['loss']:>7.4f}  "
+                     f"{r['train_seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def cmd_sorting(args) -> int:
+    from memformers.compare.harness import train_eval_sorting
+    from memformers.compare.plots import plot_sorting
+    from memformers.config import load_config, to_dict
+    from memformers.train.checkpoint import atomic_write_text
+    from memformers.train.trainer import autocast_for, resolve_device
+
+    lengths = parse_lengths(args.lengths)
+    if args.steps < 1 or args.samples < 1:
+        raise MemformersError(f"--steps and --samples must be >= 1, got {args.steps} and "
+                              f"{args.samples}")
+    cfg = load_config(args.config, args.set)
+    if cfg.model.hf_path:
+        raise MemformersError("the sorting task trains a memformers model from scratch; "
+                              "model.hf_path is not supported")
+    out = Path(args.out) if args.out else Path("reports") / f"sorting-{Path(args.config).stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    autocast = autocast_for(device, cfg.train.precision)
+    record = {"config_file": args.config, "set": args.set, "config": to_dict(cfg),
+              "steps": args.steps, "samples": args.samples, "sorting": {}}
+    for t in lengths:  # results.json after every length: a long run keeps what it did
+        record["sorting"][str(t)] = train_eval_sorting(cfg, t, args.steps, args.samples,
+                                                       device, autocast, not args.no_progress)
+        atomic_write_text(out / "results.json", json.dumps(record, indent=1))
+    plot_sorting({"variants": [{"name": Path(args.config).stem, "sorting": record["sorting"]}]},
+                 out / "sorting.png")
+    print(format_sorting(record["sorting"]))
+    print(f"results written to {out / 'results.json'} and {out / 'sorting.png'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from memformers.demo import run_demo
 
@@ -268,6 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("sorting", help="train + evaluate one model on the sorting task",
+                       description="Train the model of a run config from scratch on the "
+                                   "infinity-former's sorting task at each length, score it "
+                                   "on fresh examples, write results.json and sorting.png.")
+    s.add_argument("--config", required=True, help="run config TOML (model, batch, segments)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.continuous.layers=[0,1,2]")
+    s.add_argument("--lengths", required=True, metavar="T,T",
+                   help="sequence lengths, e.g. 1024,2048")
+    s.add_argument("--steps", type=int, default=200, help="training steps per length")
+    s.add_argument("--samples", type=int, default=64, help="evaluation examples per length")
+    s.add_argument("--out", help="results directory (default reports/sorting-<config name>)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_sorting)
 
     d = sub.add_parser("demo", help="the demo: memory vs no memory from the shipped base model")
     d.add_argument("--quick", action="store_true", help="a 3-minute version")

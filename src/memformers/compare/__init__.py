@@ -2,7 +2,8 @@
 
   harness.py  compare-config loading/validation, running variants with caching
   report.py   report.md (one table + a section per extra), results.json, print_table
-  plots.py    PNG plots (loss by position, memory sweep, passkey, loss difference, gates)
+  plots.py    PNG plots (loss by position, memory sweep, passkey, loss difference, gates,
+              sorting accuracy by length)
   cli.py      the ``compare`` subcommand
 """
 

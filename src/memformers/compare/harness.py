@@ -399,15 +399,50 @@ def _lm_eval(model, split, token_bytes, cfg: RunConfig, max_docs: int, max_token
 # --------------------------------------------------------------------------- sorting
 
 
-def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, device,
-                       autocast, progress: bool = True) -> dict:
-    """Train the variant's architecture on the sorting task of length T, then score it.
+def sorting_segments(task, segment_len: int) -> tuple[int, list[bool]]:
+    """(number of segments, which of them hold scored target positions) for one example.
 
-    Each example (T symbols, SEP, 20 targets) is one stream: streamed segment by segment
-    from a fresh state, padded at the end to whole segments; only the target tokens are
-    scored. Same optimiser and schedule as LM training, ``steps`` steps, warm-up capped
-    at a tenth of them. Accuracy = greedy (teacher-forced) next-token accuracy on the
-    target symbols of ``samples`` fresh examples.
+    The LM example is ``T + vocab`` positions (padded to whole segments); the labels at
+    positions T .. T + vocab - 1 (the sorted symbols) are the only scored ones.
+    """
+    L = segment_len
+    n_seg = -(-(task.total_len - 1) // L)
+    first, end = task.length, task.length + task.vocab  # scored label positions [first, end)
+    return n_seg, [s * L < end and (s + 1) * L > first for s in range(n_seg)]
+
+
+def segments_needing_grad(scored: list[bool], window: int) -> list[bool]:
+    """Per segment: does its forward need autograd?
+
+    The carried state is detached after every block of ``window`` segments (0..window-1,
+    window..2*window-1, ...), so a segment's graph reaches a loss only if a scored segment
+    comes at or after it in the same block. Every other segment runs under ``no_grad``:
+    the same computation and state updates, without building a graph that is thrown away.
+    """
+    n = len(scored)
+    return [any(scored[s:min(n, (s // window + 1) * window)]) for s in range(n)]
+
+
+def _sorting_batches(n_seg: int, L: int, inputs: np.ndarray, labels: np.ndarray, device):
+    """(s, x, y, mask) per segment of a batch padded at the end to ``n_seg * L``."""
+    pad = n_seg * L - inputs.shape[1]
+    x = torch.as_tensor(np.pad(inputs, ((0, 0), (0, pad))), device=device)  # (B, n_seg*L)
+    y = torch.as_tensor(np.pad(labels, ((0, 0), (0, pad)), constant_values=-100),
+                        device=device)  # (B, n_seg*L)
+    m = torch.ones_like(x, dtype=torch.bool)
+    m[:, m.shape[1] - pad:] = False
+    for s in range(n_seg):
+        sl = slice(s * L, (s + 1) * L)
+        yield s, x[:, sl], y[:, sl], m[:, sl]
+
+
+def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
+                  progress: bool = True):
+    """(model, train seconds): the variant's architecture trained from scratch on sorting.
+
+    Each example (T symbols, SEP, 20 targets) is one stream, streamed segment by segment
+    from a fresh state; only the target tokens are scored. Same optimiser and schedule as
+    LM training, ``steps`` steps, warm-up capped at a tenth of them.
     """
     from memformers.model import MemformerLM, lm_loss
     from memformers.tasks.sorting import SortingTask
@@ -423,19 +458,8 @@ def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, de
     model = MemformerLM(mcfg).to(device)
     opts = build_optimizers(model, tcfg)
     B, L, window = cfg.data.batch_size, cfg.data.segment_len, cfg.train.bptt_segments
-    n_seg = -(-(task.total_len - 1) // L)
-
-    def segments(inputs: np.ndarray, labels: np.ndarray):
-        pad = n_seg * L - inputs.shape[1]
-        x = torch.as_tensor(np.pad(inputs, ((0, 0), (0, pad))), device=device)
-        y = torch.as_tensor(np.pad(labels, ((0, 0), (0, pad)), constant_values=-100),
-                            device=device)
-        m = torch.ones_like(x, dtype=torch.bool)
-        m[:, m.shape[1] - pad:] = False
-        for s in range(n_seg):
-            sl = slice(s * L, (s + 1) * L)
-            yield s, x[:, sl], y[:, sl], m[:, sl]
-
+    n_seg, scored = sorting_segments(task, L)
+    grad = segments_needing_grad(scored, window)
     rng = np.random.default_rng([cfg.train.seed, length, 0])
     start = time.perf_counter()
     model.train()
@@ -445,10 +469,10 @@ def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, de
         inputs, labels = task.batch(B, rng)
         n_scored = max(int((labels != -100).sum()), 1)
         pending: list[torch.Tensor] = []
-        for s, x, y, m in segments(inputs, labels):
-            with autocast:
+        for s, x, y, m in _sorting_batches(n_seg, L, inputs, labels, device):
+            with torch.set_grad_enabled(grad[s]), autocast:
                 logits = model(x, new_doc=torch.full((B,), s == 0, device=device), mask=m)
-            if bool((y != -100).any()):  # segments of the sequence itself are not scored
+            if scored[s]:
                 pending.append(lm_loss(logits, y, reduction="sum") + aux_losses(model))
             if (s + 1) % window == 0 or s == n_seg - 1:
                 if pending:
@@ -459,29 +483,47 @@ def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, de
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    train_seconds = time.perf_counter() - start
+    return model, time.perf_counter() - start
 
-    model.eval()
+
+@torch.no_grad()
+def eval_sorting(model, cfg: RunConfig, length: int, samples: int, device, autocast) -> dict:
+    """Greedy (teacher-forced) next-token accuracy and loss on the target symbols of
+    ``samples`` fresh examples (a different random stream from training)."""
+    from memformers.model import lm_loss
+    from memformers.tasks.sorting import SortingTask
+
+    task = SortingTask(length)
+    B, L = cfg.data.batch_size, cfg.data.segment_len
+    n_seg, _ = sorting_segments(task, L)
     rng = np.random.default_rng([cfg.train.seed, length, 1])
+    model.eval()
     correct = scored = 0
     nll = 0.0
-    with torch.no_grad():
-        for first in range(0, samples, B):
-            inputs, labels = task.batch(min(B, samples - first), rng)
-            preds = []
-            for s, x, y, m in segments(inputs, labels):
-                with autocast:
-                    logits = model(x, new_doc=torch.full((x.shape[0],), s == 0, device=device),
-                                   mask=m)
-                nll += float(lm_loss(logits, y, reduction="sum"))
-                preds.append(logits.argmax(-1).cpu().numpy())
-            pred = np.concatenate(preds, axis=1)[:, : labels.shape[1]]
-            keep = labels != -100
-            correct += int((pred[keep] == labels[keep]).sum())
-            scored += int(keep.sum())
-    return {"length": length, "steps": steps, "samples": samples,
-            "accuracy": correct / max(scored, 1), "loss": nll / max(scored, 1),
-            "train_seconds": train_seconds}
+    for first in range(0, samples, B):
+        inputs, labels = task.batch(min(B, samples - first), rng)
+        preds = []
+        for s, x, y, m in _sorting_batches(n_seg, L, inputs, labels, device):
+            with autocast:
+                logits = model(x, new_doc=torch.full((x.shape[0],), s == 0, device=device),
+                               mask=m)
+            nll += float(lm_loss(logits, y, reduction="sum"))
+            preds.append(logits.argmax(-1).cpu().numpy())
+        pred = np.concatenate(preds, axis=1)[:, : labels.shape[1]]
+        keep = labels != -100
+        correct += int((pred[keep] == labels[keep]).sum())
+        scored += int(keep.sum())
+    return {"accuracy": correct / max(scored, 1), "loss": nll / max(scored, 1)}
+
+
+def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, device,
+                       autocast, progress: bool = True) -> dict:
+    """Train on the sorting task of length T (``train_sorting``), then score it
+    (``eval_sorting``): {length, steps, samples, accuracy, loss, train_seconds}."""
+    model, seconds = train_sorting(cfg, length, steps, device, autocast, progress)
+    scores = eval_sorting(model, cfg, length, samples, device, autocast)
+    return {"length": length, "steps": steps, "samples": samples, **scores,
+            "train_seconds": seconds}
 
 
 # --------------------------------------------------------------------------- running

@@ -96,6 +96,33 @@ def plot_memory_sweep(results: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+SORTING_CHANCE = 1 / 20  # a uniform guess over the task's 20 symbols
+
+
+def plot_sorting(results: dict, path: Path) -> Path | None:
+    """Sorting accuracy vs sequence length T, one line per variant; chance 1/20 dashed."""
+    lines = [(v["name"], sorted((int(t), r["accuracy"]) for t, r in v["sorting"].items()))
+             for v in results.get("variants", []) if v.get("sorting")]
+    if not lines:
+        return None
+    lengths = sorted({t for _, points in lines for t, _ in points})
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, points in lines:
+        ax.plot([t for t, _ in points], [a for _, a in points], marker="o", label=name)
+    ax.axhline(SORTING_CHANCE, linestyle="--", color="gray", label="chance (1/20)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_capacity_label(t) for t in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("sequence length T (symbols)")
+    ax.set_ylabel("accuracy on the 20 sorted symbols")
+    ax.set_title("Sorting by frequency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_passkey(variant: dict, path: Path) -> Path:
     from memformers.evaluate.passkey import plot_passkey_heatmap
 

@@ -269,6 +269,23 @@ def _sweep_section(results: dict, plots: dict) -> str:
             + (f"\n![memory sweep]({plots['memory_sweep']})\n" if "memory_sweep" in plots else ""))
 
 
+def _sorting_section(results: dict, plots: dict) -> str:
+    rows = [[v["name"], f"{int(t):,}", _num(r.get("accuracy"), "{:.1%}"), _num(r.get("loss")),
+             _num(r.get("train_seconds"), "{:,.0f}")]
+            for v in results.get("variants", [])
+            for t, r in sorted((v.get("sorting") or {}).items(), key=lambda kv: int(kv[0]))]
+    if not rows:
+        return ""
+    ev = results.get("eval") or {}
+    return ("## Sorting\n\nThe infinity-former's sorting task, trained from scratch at each "
+            f"length T for {ev.get('sorting_steps', MISSING)} steps; accuracy = teacher-forced "
+            "greedy prediction of the 20 symbols sorted by decreasing frequency, loss in "
+            f"nats/symbol, over {ev.get('sorting_samples', MISSING)} fresh examples. Chance: "
+            "5% guessing uniformly, 18% guessing uniformly among the symbols not yet listed.\n\n"
+            + markdown_table(["variant", "T", "accuracy", "loss", "train seconds"], rows)
+            + "\n" + (f"\n![sorting]({plots['sorting']})\n" if "sorting" in plots else ""))
+
+
 def _gates_section(results: dict, plots: dict) -> str:
     rows = []
     for v in results.get("variants", []):
@@ -354,9 +371,11 @@ def _runs_section(results: dict) -> str:
 
 def extra_sections(results: dict, diff: dict | None, plots: dict) -> list[str]:
     """The markdown sections of the optional evaluations that are present: memory sweep,
-    per-token loss difference, passkey, gates (``plots``: PNG names to link)."""
+    per-token loss difference, passkey, sorting, gates (``plots``: PNG names to link).
+    Product-key usage is not among them: ``format_eval`` already prints it."""
     sections = (_sweep_section(results, plots), _diff_section(diff, plots),
-                _passkey_section(results, plots), _gates_section(results, plots))
+                _passkey_section(results, plots), _sorting_section(results, plots),
+                _gates_section(results, plots))
     return [s for s in sections if s]
 
 
@@ -379,7 +398,8 @@ def render_markdown(results: dict, diff: dict | None, plots: dict) -> str:
     text.append(f"Loss is nats/token{scope}; `loss A-B` columns are by position in the "
                 "document (tokens A..B); train tok/s from the trainer, infer tok/s = "
                 "evaluation tokens / evaluation seconds; state/stream = per-stream memory "
-                "state after two segments; passkey = exact-match accuracy, mean over depths.\n")
+                "state after two segments; passkey = exact-match accuracy, mean over depths; "
+                "sorting@T = accuracy on the sorted symbols at length T (section Sorting).\n")
     if "loss_by_position" in plots:
         text.append(f"![loss by position]({plots['loss_by_position']})\n")
     for section in [*extra_sections(results, diff, plots), _pkm_usage_section(results),
@@ -400,7 +420,8 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     for key, fn, arg in (("loss_by_position", P.plot_loss_by_position, results),
                          ("memory_sweep", P.plot_memory_sweep, results),
                          ("loss_diff", P.plot_loss_difference, diff),
-                         ("gates", P.plot_gates, results)):
+                         ("gates", P.plot_gates, results),
+                         ("sorting", P.plot_sorting, results)):
         path = fn(arg, out / f"{key}.png") if arg else None
         if path is not None:
             made[key] = path.name
