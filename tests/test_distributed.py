@@ -33,7 +33,8 @@ SETS = [*TINY_MODEL, "data.batch_size=4", "model.xl_cache=true", f"train.steps={
         "data.eval_max_tokens=512",
         "model.knn.layers=[1]", "model.knn.capacity=64", "model.knn.top_k=4",
         "model.pkm.layers=[0]", "model.pkm.n_keys=8", "model.pkm.k_dim=16", "model.pkm.heads=2",
-        "model.pkm.top_k=4", "model.pkm.query_norm=layernorm"]
+        "model.pkm.top_k=4", "model.pkm.query_norm=layernorm",
+        "model.pkm.sparse=false"]  # dense value gradients in every layout (FSDP2 needs them)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(),
                                 reason="needs the gloo backend")
