@@ -1,6 +1,6 @@
 """Inference speed of depth D + product-key memory vs a dense model of depth 2D.
 
-    python benchmarks/bench_pkm_depth.py                       # d_model 128, 256, 512; ~3 min
+    python benchmarks/bench_pkm_depth.py                 # d_model 128, 256, 384, 512; ~4 min
     python benchmarks/bench_pkm_depth.py --widths 256 --device cuda
 
 Lample et al.'s trade-off: 12 layers + memory beat 24 dense layers and ran almost
@@ -52,7 +52,7 @@ def forward_seconds(model: MemformerLM, tokens: torch.Tensor, device: str) -> fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--widths", default="128,256,512")
+    ap.add_argument("--widths", default="128,256,384,512")
     ap.add_argument("--depth", type=int, default=3, help="D (the dense model has 2D layers)")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--segment", type=int, default=256)
