@@ -43,11 +43,18 @@ def plot_loss_by_position(results: dict, path: Path) -> Path | None:
     for name, ys in lines:
         ax.plot(range(len(buckets)), ys, marker="o", label=name)
     ax.set_xticks(range(len(buckets)), buckets)
-    ax.set_xlabel("position in document (tokens)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Loss by position in document")
+    return _finish(fig, ax, path, "position in document (tokens)",
+                   "held-out loss (nats/token)", "Loss by position in document")
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str,
+            legend_size: int = 8) -> Path:
+    """Axis labels, title, light grid and legend shared by the line plots; saves the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     return _save(fig, path)
 
 
@@ -88,12 +95,8 @@ def plot_memory_sweep(results: dict, path: Path) -> Path | None:
     for label, xs, ys, overall in series:
         ax.plot(xs, ys, marker="o", label=label, linewidth=2.5 if overall else 1.2)
     ax.set_xticks(range(len(caps)), [_capacity_label(c) for c in caps])
-    ax.set_xlabel("kNN memory capacity (entries per stream and head)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Memory-size sweep")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "kNN memory capacity (entries per stream and head)",
+                   "held-out loss (nats/token)", "Memory-size sweep", legend_size=7)
 
 
 SORTING_CHANCE = 1 / 20  # a uniform guess over the task's 20 symbols
@@ -115,12 +118,8 @@ def plot_sorting(results: dict, path: Path) -> Path | None:
     ax.set_xticks(lengths, [_capacity_label(t) for t in lengths])
     ax.minorticks_off()
     ax.set_ylim(0, 1)
-    ax.set_xlabel("sequence length T (symbols)")
-    ax.set_ylabel("accuracy on the 20 sorted symbols")
-    ax.set_title("Sorting by frequency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "sequence length T (symbols)",
+                   "accuracy on the 20 sorted symbols", "Sorting by frequency")
 
 
 def plot_passkey(variant: dict, path: Path) -> Path:
