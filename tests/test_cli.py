@@ -89,6 +89,34 @@ def test_sorting_command_trains_scores_and_writes_results(capsys, tmp_path):
     assert (out / "sorting.png").stat().st_size > 1000
 
 
+def test_sorting_learning_curve_is_written_as_it_goes(monkeypatch, tmp_path):
+    """--eval-every N scores the same fresh examples every N steps; results.json holds the
+    curve of the length in progress after every point, so a run stopped early keeps it."""
+    import memformers.cli as cli_mod
+    from memformers.train import checkpoint
+
+    snapshots = []
+    write = checkpoint.atomic_write_text
+
+    def spy(path, text):
+        write(path, text)
+        snapshots.append(json.loads(text))
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", spy)
+    sets = [x for s in [*TINY_MODEL, "model.xl_cache=true"] for x in ("--set", s)]
+    out = tmp_path / "curve"
+    assert cli_mod.main(["sorting", "--config", "configs/baseline.toml", *sets, "--lengths",
+                         "40", "--steps", "4", "--samples", "3", "--eval-every", "2",
+                         "--out", str(out), "--no-progress"]) == 0
+    # one write at step 2 (in progress), one when the length is done
+    assert [s.get("in_progress", {}).get("length") for s in snapshots] == [40, None]
+    assert [p["step"] for p in snapshots[0]["in_progress"]["curve"]] == [2]
+    final = json.loads((out / "results.json").read_text())["sorting"]["40"]
+    assert [p["step"] for p in final["curve"]] == [2, 4]
+    assert final["curve"][-1]["accuracy"] == final["accuracy"]  # the last point is the result
+    assert final["curve"][0] == snapshots[0]["in_progress"]["curve"][0]
+
+
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "memformers", "--help"], capture_output=True,
                          text=True)

@@ -248,10 +248,22 @@ def cmd_sorting(args) -> int:
     autocast = autocast_for(device, cfg.train.precision)
     record = {"config_file": args.config, "set": args.set, "config": to_dict(cfg),
               "steps": args.steps, "samples": args.samples, "sorting": {}}
-    for t in lengths:  # results.json after every length: a long run keeps what it did
-        record["sorting"][str(t)] = train_eval_sorting(cfg, t, args.steps, args.samples,
-                                                       device, autocast, not args.no_progress)
+    if args.eval_every < 0:
+        raise MemformersError(f"--eval-every must be >= 0, got {args.eval_every}")
+
+    def write() -> None:  # after every length and curve point: a long run keeps what it did
         atomic_write_text(out / "results.json", json.dumps(record, indent=1))
+
+    for t in lengths:
+        def partial(curve: list[dict], t: int = t) -> None:  # the length in progress
+            record["in_progress"] = {"length": t, "curve": curve}
+            write()
+
+        record["sorting"][str(t)] = train_eval_sorting(
+            cfg, t, args.steps, args.samples, device, autocast, not args.no_progress,
+            eval_every=args.eval_every, on_curve=partial)
+        record.pop("in_progress", None)
+        write()
     plot_sorting({"variants": [{"name": Path(args.config).stem, "sorting": record["sorting"]}]},
                  out / "sorting.png")
     print(format_sorting(record["sorting"]))
@@ -336,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=200, help="training steps per length")
     s.add_argument("--samples", type=int, default=64, help="evaluation examples per length")
     s.add_argument("--out", help="results directory (default reports/sorting-<config name>)")
+    s.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also score every N steps (a learning curve in results.json)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sorting)
 

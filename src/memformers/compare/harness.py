@@ -437,12 +437,13 @@ def _sorting_batches(n_seg: int, L: int, inputs: np.ndarray, labels: np.ndarray,
 
 
 def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
-                  progress: bool = True):
+                  progress: bool = True, on_step=None):
     """(model, train seconds): the variant's architecture trained from scratch on sorting.
 
     Each example (T symbols, SEP, 20 targets) is one stream, streamed segment by segment
     from a fresh state; only the target tokens are scored. Same optimiser and schedule as
-    LM training, ``steps`` steps, warm-up capped at a tenth of them.
+    LM training, ``steps`` steps, warm-up capped at a tenth of them. ``on_step(step,
+    model)``, if given, runs after every optimiser step (e.g. a learning curve).
     """
     from memformers.model import MemformerLM, lm_loss
     from memformers.tasks.sorting import SortingTask
@@ -483,6 +484,9 @@ def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1, model)
+            model.train()
     return model, time.perf_counter() - start
 
 
@@ -517,13 +521,34 @@ def eval_sorting(model, cfg: RunConfig, length: int, samples: int, device, autoc
 
 
 def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, device,
-                       autocast, progress: bool = True) -> dict:
+                       autocast, progress: bool = True, eval_every: int = 0,
+                       on_curve=None) -> dict:
     """Train on the sorting task of length T (``train_sorting``), then score it
-    (``eval_sorting``): {length, steps, samples, accuracy, loss, train_seconds}."""
-    model, seconds = train_sorting(cfg, length, steps, device, autocast, progress)
+    (``eval_sorting``): {length, steps, samples, accuracy, loss, train_seconds}.
+
+    With ``eval_every`` > 0 the same fresh examples are also scored every that many
+    steps: "curve" lists {step, accuracy, loss, seconds}, and ``on_curve(curve)`` is
+    called after each point (so a long run can write what it has so far).
+    """
+    curve: list[dict] = []
+    start = time.perf_counter()
+
+    def score(step: int, model) -> None:
+        if eval_every > 0 and step % eval_every == 0 and step < steps:
+            scores = eval_sorting(model, cfg, length, samples, device, autocast)
+            curve.append({"step": step, **scores,
+                          "seconds": round(time.perf_counter() - start, 1)})
+            if on_curve is not None:
+                on_curve(curve)
+
+    model, seconds = train_sorting(cfg, length, steps, device, autocast, progress, score)
     scores = eval_sorting(model, cfg, length, samples, device, autocast)
-    return {"length": length, "steps": steps, "samples": samples, **scores,
-            "train_seconds": seconds}
+    result = {"length": length, "steps": steps, "samples": samples, **scores,
+              "train_seconds": seconds}
+    if eval_every > 0:
+        result["curve"] = curve + [{"step": steps, **scores,
+                                    "seconds": round(time.perf_counter() - start, 1)}]
+    return result
 
 
 # --------------------------------------------------------------------------- running
