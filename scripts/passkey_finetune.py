@@ -87,6 +87,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grad-segments", type=int, default=1,
                    help="last segments trained with gradient (BPTT through the memory state)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also write OUT/model.safetensors every N steps (atomic)")
+    p.add_argument("--progress", action="store_true", help="progress bar while evaluating")
     args = p.parse_args()
 
     cfg = load_config(args.config, args.set + [f"train.lr={args.lr}",
@@ -125,6 +128,8 @@ def main() -> None:
                    "seconds": round(time.time() - start, 1)}
             log.append(rec)
             print(json.dumps(rec), flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0:  # a killed run keeps these
+            save_model(model, out / "model.safetensors")
     if args.steps:
         save_model(model, out / "model.safetensors")
 
@@ -133,7 +138,7 @@ def main() -> None:
     with amp:
         r = evaluate_passkey(model, tok, [int(x) for x in args.eval_lengths.split(",")],
                              [float(x) for x in args.eval_depths.split(",")], segment_len=seg,
-                             samples_per_cell=args.samples, device=dev, progress=False,
+                             samples_per_cell=args.samples, device=dev, progress=args.progress,
                              seed=10_000 + args.seed)  # prompts never seen in training
     res["passkey"] = r
     print(passkey_table(r), flush=True)

@@ -144,6 +144,31 @@ def smooth_signal(L):
     return torch.stack([torch.sin(2 * math.pi * t), torch.cos(3 * math.pi * t), t**2], -1)[None]
 
 
+def test_shared_design_fit_equals_the_per_stream_solve():
+    """Streams with full segments share one fit design: coef = G X with G solved once and
+    cached; it must equal solving eq. 7 per stream. Mixed designs still solve per stream."""
+    m = memory(B=3, D=5, n_basis=64, widths=[0.02, 0.05])
+    mu, sg, lam = m.basis_mu, m.basis_sigma, m.cfg.ridge_lambda
+    n = 96
+    X = torch.randn(3, n, 5)
+    t = ((torch.arange(n) + 0.5) / n).expand(3, n)
+    w = torch.ones(3, n)
+    ref = rbf.ridge_fit(X, t, w, mu, sg, lam)
+    got = m._fit(X, t, w)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max())
+    m._fit(torch.randn(3, n, 5), t, w)
+    assert len(m._operators) == 1  # the second fit reused G
+    w_mixed = w.clone()
+    w_mixed[1, -10:] = 0  # stream 1 has padding: its own design
+    assert torch.equal(m._fit(X, t, w_mixed), rbf.ridge_fit(X, t, w_mixed, mu, sg, lam))
+    # and through the layer: a batch of identical streams fits like each stream alone
+    x = torch.randn(1, 40, 5)
+    both, alone = memory(B=2, D=5), memory(B=1, D=5)
+    step(both, x.expand(2, -1, -1))
+    step(alone, x)
+    assert torch.allclose(both.coef[1], alone.coef[0], atol=1e-5)
+
+
 def test_first_fit_places_segment_over_unit_interval():
     m = memory(B=1, D=3, n_basis=128, widths=[0.02, 0.05], sticky=False)
     x = smooth_signal(200)

@@ -74,6 +74,25 @@ def ridge_fit(
     return torch.linalg.solve(A, Fw @ X).to(dt)
 
 
+def ridge_operator(
+    t: torch.Tensor,  # (n,) times of one design
+    w: torch.Tensor,  # (n,) its 0/1 weights
+    mu: torch.Tensor,  # (N,)
+    sigma: torch.Tensor,  # (N,)
+    lam: float,
+) -> torch.Tensor:  # (N, n) float64
+    """G = (F W F^T + lambda I)^-1 F W, so that ``ridge_fit`` = G X for every X fitted at
+    these times: the official code precomputes it once, as the fit times of a full segment
+    never change. float64, like ``ridge_fit``."""
+    F = rbf_matrix(t.double(), mu.double(), sigma.double())  # (N, n)
+    Fw = F * w.double()[None, :]
+    A = Fw @ F.T  # (N, N)
+    if lam <= 0:
+        return torch.linalg.pinv(A) @ Fw
+    A = A + lam * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve(A, Fw)
+
+
 def padding_points(n: torch.Tensor, max_left: int, max_right: int):
     """The official code's padding: zero targets around the fitted points.
 
