@@ -115,6 +115,7 @@ def test_sorting_learning_curve_is_written_as_it_goes(monkeypatch, tmp_path):
     assert [p["step"] for p in final["curve"]] == [2, 4]
     assert final["curve"][-1]["accuracy"] == final["accuracy"]  # the last point is the result
     assert final["curve"][0] == snapshots[0]["in_progress"]["curve"][0]
+    assert (out / "sorting_curves.png").stat().st_size > 1000
 
 
 def test_console_entry_point_runs():

@@ -306,3 +306,18 @@ def test_exact_search_with_a_tile_of_empty_memories():
     for m in (0, 1, 5):
         ref = (q[m] @ keys[m, :filled[m]].T).topk(3, dim=-1).values
         assert torch.allclose(s[m], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_layers,layer", [(12, 8), (6, 3), (4, 2), (1, 0)])
+def test_auto_layers_put_the_memory_at_three_quarters_depth(n_layers, layer):
+    """model.knn.layers = "auto": the paper's 9th of 12 layers, scaled to the model."""
+    from memformers.config import load_config
+    from memformers.errors import MemformersError
+
+    cfg = load_config(None, [f"model.n_layers={n_layers}", "model.knn.layers=auto"])
+    assert cfg.model.knn.layers == [layer]
+    model = MemformerLM(cfg.model)
+    assert [i for i, b in enumerate(model.blocks)
+            if isinstance(b.attn.memory, KNNMemoryAttention)] == [layer]
+    with pytest.raises(MemformersError, match="auto"):
+        load_config(None, ["model.knn.layers=auto", "model.hf_path=some/model"])

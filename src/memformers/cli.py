@@ -229,7 +229,7 @@ def format_sorting(results: dict[str, dict]) -> str:
 
 def cmd_sorting(args) -> int:
     from memformers.compare.harness import train_eval_sorting
-    from memformers.compare.plots import plot_sorting
+    from memformers.compare.plots import plot_sorting, plot_sorting_curves
     from memformers.config import load_config, to_dict
     from memformers.train.checkpoint import atomic_write_text
     from memformers.train.trainer import autocast_for, resolve_device
@@ -264,8 +264,9 @@ def cmd_sorting(args) -> int:
             eval_every=args.eval_every, on_curve=partial)
         record.pop("in_progress", None)
         write()
-    plot_sorting({"variants": [{"name": Path(args.config).stem, "sorting": record["sorting"]}]},
-                 out / "sorting.png")
+    plotted = {"variants": [{"name": Path(args.config).stem, "sorting": record["sorting"]}]}
+    plot_sorting(plotted, out / "sorting.png")
+    plot_sorting_curves(plotted, out / "sorting_curves.png")  # with --eval-every
     print(format_sorting(record["sorting"]))
     print(f"results written to {out / 'results.json'} and {out / 'sorting.png'}")
     return 0

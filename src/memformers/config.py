@@ -171,8 +171,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def knn_default_layer(n_layers: int) -> int:
+    """The layer at 3/4 depth (0-based): the paper's 9th of 12; 4th of 6; 3rd of 4."""
+    return max(0, round(0.75 * n_layers) - 1)
+
+
+def _resolve_auto_layers(raw: dict) -> dict:
+    """``model.knn.layers = "auto"``: the kNN memory at 3/4 depth (``knn_default_layer``)."""
+    model = raw.get("model", {})
+    knn = model.get("knn", {})
+    if knn.get("layers") == "auto":
+        if model.get("hf_path"):
+            raise MemformersError("model.knn.layers = \"auto\" needs a memformers model; list "
+                                  "the layers of a Hugging Face model (model.hf_path)")
+        n = int(model.get("n_layers", ModelConfig.n_layers))
+        raw = {**raw, "model": {**model, "knn": {**knn, "layers": [knn_default_layer(n)]}}}
+    return raw
+
+
 def config_from_dict(raw: dict) -> RunConfig:
-    cfg = _build(RunConfig, raw)
+    cfg = _build(RunConfig, _resolve_auto_layers(raw))
     validate(cfg)
     return cfg
 

@@ -122,6 +122,25 @@ def plot_sorting(results: dict, path: Path) -> Path | None:
                    "accuracy on the 20 sorted symbols", "Sorting by frequency")
 
 
+def plot_sorting_curves(results: dict, path: Path) -> Path | None:
+    """Sorting accuracy vs training step (``--eval-every`` curves), one line per variant and
+    length; None when no run has a curve."""
+    lines = [(f"{v['name']} T={t}", [p for p in r.get("curve", []) if "step" in p])
+             for v in results.get("variants", [])
+             for t, r in sorted((v.get("sorting") or {}).items(), key=lambda kv: int(kv[0]))]
+    lines = [(label, curve) for label, curve in lines if curve]
+    if not lines:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, curve in lines:
+        ax.plot([p["step"] for p in curve], [p["accuracy"] for p in curve], marker=".",
+                label=label)
+    ax.axhline(SORTING_CHANCE, linestyle="--", color="gray", label="chance (1/20)")
+    return _finish(fig, ax, path, "training step", "accuracy on the 20 sorted symbols",
+                   "Sorting: learning curves")
+
+
 def plot_passkey(variant: dict, path: Path) -> Path:
     from memformers.evaluate.passkey import plot_passkey_heatmap
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 class KNNConfig:
     """Memorizing Transformers kNN memory (REFERENCE.md section 1)."""
 
-    layers: list[int] = field(default_factory=list)  # e.g. [4] of 6; paper: 9 of 12
+    # e.g. [3] of 6; "auto" (in a config or --set) = the layer at 3/4 depth, the paper's
+    # 9 of 12 (config.knn_default_layer)
+    layers: list[int] = field(default_factory=list)
     capacity: int = 65536  # (key, value) pairs per (stream, head), FIFO
     top_k: int = 32
     backend: str = "exact"  # "exact" | "faiss"
