@@ -169,6 +169,19 @@ def test_shared_design_fit_equals_the_per_stream_solve():
     assert torch.allclose(both.coef[1], alone.coef[0], atol=1e-5)
 
 
+def test_stored_state_carries_no_graph():
+    """The memory update is stop-gradient: after forwards whose inputs need gradients, no
+    carried tensor (coefficients, sticky histogram) holds a graph into the past."""
+    m = memory(sticky=True)
+    for _ in range(3):
+        x = torch.randn(2, 20, 6, requires_grad=True)
+        q = torch.randn(2, m.n_heads, 20, m.head_dim, requires_grad=True)
+        out = m(x, q, q, q, torch.randn(2, m.n_heads, 20, m.head_dim),
+                torch.ones(2, 20, dtype=torch.bool), True)
+        assert out.requires_grad  # the read is differentiable ...
+        assert m.coef.grad_fn is None and m.hist.grad_fn is None  # ... the write is not
+
+
 def test_first_fit_places_segment_over_unit_interval():
     m = memory(B=1, D=3, n_basis=128, widths=[0.02, 0.05], sticky=False)
     x = smooth_signal(200)

@@ -177,7 +177,6 @@ class ContinuousMemory(AttentionMemory):
         kl = gaussian_kl(mu, var, self.cfg.kl_mu0, self.cfg.kl_sigma0)
         return self.cfg.kl_weight * (kl * wq).sum() / wq.sum()
 
-    @torch.no_grad()
     def _fit(self, X: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Ridge coefficients (B, N, e) of X (B, n, e) at times t with weights w (B, n).
 
@@ -200,6 +199,7 @@ class ContinuousMemory(AttentionMemory):
             self._operators[key] = G
         return (G @ X.float()).to(X.dtype)  # (B, N, e)
 
+    @torch.no_grad()
     def write(self, x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, mask: torch.Tensor):
         """Unbounded memory update with this segment's real tokens (paper section 3.3)."""
         cfg = self.cfg
