@@ -42,7 +42,7 @@ import torch
 
 from memformers.errors import MemformersError
 from memformers.memory.configs import InfiniConfig
-from memformers.memory.infini import InfiniMemory, sigma
+from memformers.memory.infini import InfiniMemory, read_memory, sigma
 from memformers.tasks.passkey import ANSWER, NEEDLE, Tokenizer, build_passkey_prompt
 
 # ----------------------------------------------------------------------------- prompts
@@ -220,14 +220,6 @@ def run_segments(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int
 # ----------------------------------------------------------------------------- measures
 
 
-def memory_readout(q: torch.Tensor, M: torch.Tensor, z: torch.Tensor, eps: float
-                   ) -> torch.Tensor:
-    """Eq. (3) exactly as InfiniMemory computes it: (B, H, L, d_v) from q (B, H, L, d_k),
-    M (B, H, d_k, d_v), z (B, H, d_k)."""
-    sq = sigma(q.float())  # (B, H, L, d_k)
-    return (sq @ M) / (sq @ z.unsqueeze(-1)).clamp_min(eps)
-
-
 def needle_share(sq: torch.Tensor, sk: torch.Tensor, needle: torch.Tensor | np.ndarray
                  ) -> torch.Tensor:
     """The needle's share of the eq. (3) normaliser, (B, H, L).
@@ -323,7 +315,7 @@ def diagnose_passkey(model: torch.nn.Module, pairs: list[PasskeyPair], segment_l
         g = mod.gate_values().float().cpu().view(1, H, 1, 1)
         a_mem, checks_out, checks_z, shares = [], [], [], []
         for rec in (rec_a, rec_b):
-            a = memory_readout(rec.q, rec.M, rec.z, eps)  # (S, H, L, d_v)
+            a = read_memory(sigma(rec.q), rec.M, rec.z, eps)  # (S, H, L, d_v)
             a_mem.append(a)
             checks_out.append((g * a + (1 - g) * rec.local - rec.out).abs().max().item())
             sk = rec.stored_sk()  # (S, H, N, d_k)
@@ -335,7 +327,7 @@ def diagnose_passkey(model: torch.nn.Module, pairs: list[PasskeyPair], segment_l
                     ans = torch.as_tensor(pair.answer_positions - final)
                     sh = needle_share(sq[i:i + 1, :, ans], sk[i:i + 1], needle)  # (1, H, n)
                     shares.append(sh.mean(dim=(0, 2)))  # (H,)
-        same_q = memory_readout(rec_a.q, rec_b.M, rec_b.z, eps)  # A's query, B's memory
+        same_q = read_memory(sigma(rec_a.q), rec_b.M, rec_b.z, eps)  # A's query, B's memory
         pairs_ab = {"memory": (a_mem[0], a_mem[1]), "memory_same_query": (a_mem[0], same_q),
                     "local": (rec_a.local, rec_b.local), "output": (rec_a.out, rec_b.out)}
         sens = {k: [] for k in pairs_ab}

@@ -51,6 +51,13 @@ def sigma(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
+def read_memory(s: torch.Tensor, M: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """sigma-features s (B, H, L, d_k) read from M (B, H, d_k, d_v) normalised by z (B, H, d_k):
+    s M / (s z), the retrieval of eq. (3) (s = sigma(Q)) and of the delta rule's eq. (5)
+    (s = sigma(K)); the denominator clamped at ``eps``. Returns (B, H, L, d_v)."""
+    return (s @ M) / (s @ z.unsqueeze(-1)).clamp_min(eps)
+
+
 class InfiniMemory(AttentionMemory):
     """Per-head compressive memory gated with local attention (Infini-attention)."""
 
@@ -150,14 +157,12 @@ class InfiniMemory(AttentionMemory):
             sq, sk, vf = sigma(q.float()), sigma(k.float()), v.float()
 
             # (3) retrieval from the state of the previous segments only
-            num = sq @ M  # (B, H, L, d_v)
-            den = (sq @ z.unsqueeze(-1)).clamp_min(eps)  # (B, H, L, 1)
-            a_mem = num / den
+            a_mem = read_memory(sq, M, z, eps)  # (B, H, L, d_v)
 
             if commit:
                 sk = sk * mask[:, None, :, None].to(sk.dtype)  # padding writes nothing
                 if self.cfg.update == "delta":  # (5) write only what M does not yet hold
-                    old = (sk @ M) / (sk @ z.unsqueeze(-1)).clamp_min(eps)  # (B, H, L, d_v)
+                    old = read_memory(sk, M, z, eps)  # (B, H, L, d_v)
                     vf = vf - old
                 self.M = M + sk.transpose(-2, -1) @ vf  # (B, H, d_k, d_v)
                 self.z = z + sk.sum(dim=2)  # (B, H, d_k)

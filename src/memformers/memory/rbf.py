@@ -50,6 +50,28 @@ def rbf_matrix(t: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.
     return gaussian_pdf(t[..., None, :], mu[:, None], (sigma**2)[:, None])
 
 
+def ridge_operator(
+    t: torch.Tensor,  # (..., n) fit times
+    w: torch.Tensor,  # (..., n) 1 for points to fit, 0 to ignore (padding tokens)
+    mu: torch.Tensor,  # (N,)
+    sigma: torch.Tensor,  # (N,)
+    lam: float,
+) -> torch.Tensor:  # (..., N, n) float64
+    """G = (F W F^T + lambda I)^-1 F W, so that the ridge fit of any X at these times is G X
+    (paper eq. 7). It depends only on the times: the official code precomputes it once,
+    as the fit times of a full segment never change. With 0/1 weights this is exactly
+    eq. 7 on the points with w = 1; lambda <= 0 gives plain least squares (minimum norm
+    where under-determined). Solved in float64 (F F^T of narrow normalised RBFs is badly
+    conditioned)."""
+    F = rbf_matrix(t.double(), mu.double(), sigma.double())  # (..., N, n)
+    Fw = F * w.double()[..., None, :]
+    A = Fw @ F.transpose(-1, -2)  # (..., N, N)
+    if lam <= 0:
+        return torch.linalg.pinv(A) @ Fw
+    A = A + lam * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve(A, Fw)
+
+
 def ridge_fit(
     X: torch.Tensor,  # (B, n, e) vectors to fit
     t: torch.Tensor,  # (B, n) their times
@@ -58,39 +80,9 @@ def ridge_fit(
     sigma: torch.Tensor,  # (N,)
     lam: float,
 ) -> torch.Tensor:  # (B, N, e)
-    """Weighted ridge regression B = (F W F^T + lambda I)^-1 F W X (paper eq. 7).
-
-    With 0/1 weights this is exactly eq. 7 on the points with w = 1. Solved in
-    float64 (F F^T of narrow normalised RBFs is badly conditioned), returned in X's dtype.
-    """
-    dt = X.dtype
-    X, t, w = X.double(), t.double(), w.double()
-    F = rbf_matrix(t, mu.double(), sigma.double())  # (B, N, n)
-    Fw = F * w[:, None, :]
-    A = Fw @ F.transpose(1, 2)  # (B, N, N)
-    if lam <= 0:  # plain least squares; minimum-norm where under-determined
-        return (torch.linalg.pinv(A) @ (Fw @ X)).to(dt)
-    A = A + lam * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    return torch.linalg.solve(A, Fw @ X).to(dt)
-
-
-def ridge_operator(
-    t: torch.Tensor,  # (n,) times of one design
-    w: torch.Tensor,  # (n,) its 0/1 weights
-    mu: torch.Tensor,  # (N,)
-    sigma: torch.Tensor,  # (N,)
-    lam: float,
-) -> torch.Tensor:  # (N, n) float64
-    """G = (F W F^T + lambda I)^-1 F W, so that ``ridge_fit`` = G X for every X fitted at
-    these times: the official code precomputes it once, as the fit times of a full segment
-    never change. float64, like ``ridge_fit``."""
-    F = rbf_matrix(t.double(), mu.double(), sigma.double())  # (N, n)
-    Fw = F * w.double()[None, :]
-    A = Fw @ F.T  # (N, N)
-    if lam <= 0:
-        return torch.linalg.pinv(A) @ Fw
-    A = A + lam * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    return torch.linalg.solve(A, Fw)
+    """Weighted ridge regression B = (F W F^T + lambda I)^-1 F W X (paper eq. 7), per
+    stream (``ridge_operator`` applied to X in float64), returned in X's dtype."""
+    return (ridge_operator(t, w, mu, sigma, lam) @ X.double()).to(X.dtype)
 
 
 def padding_points(n: torch.Tensor, max_left: int, max_right: int):
