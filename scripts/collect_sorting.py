@@ -50,6 +50,7 @@ def main() -> None:
             raise SystemExit(f"error: {d} holds no results.json of `memformers sorting`")
         name = re.sub(r"-\d+$", "", d.name.removeprefix("sort-"))
         variants.setdefault(name, {}).update(runs_of(d, args.step))
+    variants = {n: r for n, r in variants.items() if r}  # none reached --step
     lengths = sorted({int(t) for v in variants.values() for t in v})
     rows = ["| variant | " + " | ".join(f"T={t}" for t in lengths) + " |",
             "|---|" + "---:|" * len(lengths)]

@@ -40,6 +40,10 @@ def test_unknown_config_key_suggests_closest(capsys, tmp_path):
     (["sorting", "--config", "configs/baseline.toml", "--lengths", "64", "--steps", "0"],
      "--steps"),
     (["sorting", "--config", "nope.toml", "--lengths", "64"], "config file not found"),
+    (["sorting", "--config", "configs/baseline.toml", "--lengths", "64", "--eval-every", "-1"],
+     "--eval-every"),
+    (["train", "--set", "model.hf_path='gpt2'", "--set", "model.knn.layers=auto"],
+     "needs a memformers model"),
 ])
 def test_error_paths_are_one_line(capsys, args, needle):
     code, err = run_cli(capsys, *args)

@@ -153,3 +153,43 @@ def test_no_grad_segments_train_exactly_the_same_weights(monkeypatch):
     for name in fast:
         assert torch.equal(fast[name], reference[name]), name
     assert any(not torch.equal(wrong[n], reference[n]) for n in fast)
+
+
+def test_collect_sorting_reads_every_run_at_one_step(tmp_path):
+    """scripts/collect_sorting.py: one table from per-variant `memformers sorting` runs, each
+    read at the same step of its curve (a run stopped early included, one that never got
+    there left out); a directory without results.json is a one-line error."""
+    import json
+    import subprocess
+    import sys
+
+    def run_dir(name, record):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(record))
+        return str(d)
+
+    def point(step, acc):
+        return {"step": step, "accuracy": acc, "loss": 2.0, "seconds": 1.0}
+
+    done = run_dir("sort-xl-64", {"steps": 4, "sorting": {"64": {
+        "accuracy": 0.3, "loss": 2.0, "curve": [point(2, 0.1), point(4, 0.3)]}}})
+    stopped = run_dir("sort-continuous-64", {"steps": 4, "sorting": {},
+                                             "in_progress": {"length": 64,
+                                                             "curve": [point(2, 0.25)]}})
+    short = run_dir("sort-knn-64", {"steps": 4, "sorting": {}, "in_progress": {
+        "length": 64, "curve": []}})
+    out = tmp_path / "table"
+    script = [sys.executable, "scripts/collect_sorting.py"]
+    res = subprocess.run([*script, done, stopped, short, "--step", "2", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "| xl | 10.0% |" in res.stdout and "| continuous | 25.0% |" in res.stdout
+    assert "knn" not in res.stdout
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [v["name"] for v in record["variants"]] == ["xl", "continuous"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    bad = subprocess.run([*script, str(tmp_path), "--out", str(out)], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error:")
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -238,6 +238,8 @@ def cmd_sorting(args) -> int:
     if args.steps < 1 or args.samples < 1:
         raise MemformersError(f"--steps and --samples must be >= 1, got {args.steps} and "
                               f"{args.samples}")
+    if args.eval_every < 0:
+        raise MemformersError(f"--eval-every must be >= 0, got {args.eval_every}")
     cfg = load_config(args.config, args.set)
     if cfg.model.hf_path:
         raise MemformersError("the sorting task trains a memformers model from scratch; "
@@ -248,9 +250,6 @@ def cmd_sorting(args) -> int:
     autocast = autocast_for(device, cfg.train.precision)
     record = {"config_file": args.config, "set": args.set, "config": to_dict(cfg),
               "steps": args.steps, "samples": args.samples, "sorting": {}}
-    if args.eval_every < 0:
-        raise MemformersError(f"--eval-every must be >= 0, got {args.eval_every}")
-
     def write() -> None:  # after every length and curve point: a long run keeps what it did
         atomic_write_text(out / "results.json", json.dumps(record, indent=1))
 
