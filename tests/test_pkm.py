@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from memformers.config import ModelConfig, TrainConfig
 from memformers.memory.configs import PKMConfig
@@ -307,3 +308,71 @@ def test_padded_segment_after_a_full_one_backpropagates_through_both():
     (bn(z1, None).square().sum() + bn(z2, mask).square().sum()).backward()
     assert z1.grad.abs().sum() > 0 and z2.grad[mask].abs().sum() > 0
     assert int(bn.num_batches_tracked) == 2
+
+
+def _script(name: str):
+    """A module of scripts/ (not a package), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bn_stats_script_normalises_with_real_tokens_only():
+    """scripts/pkm_bn_stats.py's per-batch statistics: BatchNorm1d's training-mode output
+    on the real rows, whatever the padded rows hold."""
+    bn = MaskedBatchNorm1d(6).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(10, 6)
+    mask = torch.tensor([True] * 7 + [False] * 3)
+    padded = torch.cat([x[:7], torch.full((3, 6), 1e4)])
+    got = _script("pkm_bn_stats").batch_statistics(bn, padded, mask)[:7]
+    want = F.batch_norm(x[:7], None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    torch.testing.assert_close(got, want)
+
+
+def test_collect_pkm_usage_tables_curves_and_final_splits(tmp_path):
+    """scripts/collect_pkm_usage.py: usage curve from metrics.jsonl "eval" rows, final
+    loss/usage from eval-<split>.json, dense runs without usage; a directory that is not
+    a run is a one-line error."""
+    import json
+    import subprocess
+    import sys
+
+    def usage(used):
+        return {"blocks.1.ffn": {"used": used, "kl_uniform": 1.25, "slots_50": 17507,
+                                 "slots_90": 110513}}
+
+    def run(name, usage_fn):
+        d = tmp_path / "seed0" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"train": {"seed": 0, "steps": 1000}}))
+        rows = [{"step": 10, "loss": 2.0},
+                {"step": 500, "eval": {"loss": 1.5, "pkm_usage": usage_fn(0.75)}},
+                {"step": 1000, "eval": {"loss": 1.2, "pkm_usage": usage_fn(0.85)}}]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (d / "eval-test.json").write_text(json.dumps(
+            {"loss": 0.8211, "tokens": 524587, "pkm_usage": usage_fn(0.989)}))
+        return str(d)
+
+    pkm_run = run("pkm", usage)
+    dense_run = run("dense-3L", lambda used: {})
+    out = tmp_path / "summary"
+    script = [sys.executable, "scripts/collect_pkm_usage.py"]
+    res = subprocess.run([*script, pkm_run, dense_run, "--out", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "| seed0/pkm | - | 0.8211 | - | 98.9% | 1.250 | 17,507 / 110,513 |" in res.stdout
+    assert "| seed0/dense-3L | - | 0.8211 | - | - | - | - / - |" in res.stdout
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [p["used"] for p in record[0]["curve"]] == [0.75, 0.85]
+    assert [p["used"] for p in record[1]["curve"]] == [None, None]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    bad = subprocess.run([*script, str(tmp_path), "--out", str(out)], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error:")
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,58 @@
+"""Held-out loss of a product-key model with its query BatchNorm in two modes:
+running statistics (what evaluation uses) and each evaluation batch's own statistics
+(real tokens only). A large gap would mean the running statistics do not describe the
+held-out queries, i.e. BatchNorm's train/eval mismatch rather than the memory.
+
+    python scripts/pkm_bn_stats.py RUN_DIR [--split valid] [--max-tokens 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from memformers.cli import load_trained_model
+from memformers.data.corpus import CorpusSplit
+from memformers.evaluate.lm import evaluate_lm
+from memformers.memory import pkm
+
+
+def batch_statistics(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    m = (torch.ones_like(x[:, 0]) if mask is None else mask.to(x.dtype))[:, None]  # (T, 1)
+    n = m.sum().clamp(min=1)
+    mean = (x * m).sum(0) / n
+    var = ((x - mean).square() * m).sum(0) / n
+    return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--split", default="valid")
+    ap.add_argument("--max-tokens", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    cfg, model, tok = load_trained_model(args.run_dir, [], args.device)
+    split = CorpusSplit.open(Path(cfg.data.corpus), args.split)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def evaluate() -> dict:
+        r = evaluate_lm(model, split, tok.token_bytes, batch_size=cfg.data.batch_size,
+                        segment_len=cfg.data.segment_len, max_docs=0,
+                        max_tokens=args.max_tokens, autocast=autocast, progress=False)
+        return {"loss": r["loss"], "tokens": r["tokens"],
+                "used": {k: v["used"] for k, v in r.get("pkm_usage", {}).items()}}
+
+    out = {"running": evaluate()}
+    pkm.MaskedBatchNorm1d.forward = batch_statistics
+    out["batch"] = evaluate()
+    print(json.dumps(out, indent=2))
+    (args.run_dir / f"bn-stats-{args.split}.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
