@@ -23,7 +23,7 @@ class KNNConfig:
     gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
     gate_lr: float = 1e-2  # gates and temperatures: own parameter group, no weight decay
     scale_init: float = 8.0  # learned per-head temperature for normalised q.k
-    search_chunk: int = 16384  # memory rows scored at a time by the exact backend
+    search_chunk: int = 65536  # memory rows scored at a time by the exact backend
     faiss_block: int = 16384  # FIFO block size of the faiss backend (one index per block)
     faiss_index: str = "flat"  # "flat" | "ivf" | "hnsw"
     faiss_nprobe: int = 8

@@ -24,13 +24,14 @@ slot -1. Slots index the ring, so values are always gathered from the store.
 
 Measured cost of one segment (benchmarks/bench_knn_search.py, 16 full memories
 of d=32, 512 queries each, top-32, then adding the segment's 512 keys of every
-(stream, head); medians of 3, shared 2-core CPU under load ~4, torch 2 threads):
+(stream, head); medians of 3, quiet 2-core CPU, torch 2 threads):
 
     capacity  exact(fp16)  faiss flat  faiss ivf nprobe 8 / 64 (recall@32)
-    65,536       5.1 s       7.4 s      1.7 s (0.38) / 4.4 s (0.89)
-    262,144     17.2 s      23.1 s      4.4 s (0.43) / 11.1 s (0.92)
+    65,536       1.3 s       2.1 s      0.34 s (0.38) / 1.2 s (0.89)
+    262,144      5.3 s      10.5 s      1.5 s (0.43) / 5.2 s (0.92)
 
-(HNSW at 65,536: 11.8 s per segment, recall 0.99, half of it graph insertion.)
+(HNSW at 65,536, an earlier run under load 4: 11.8 s per segment, recall 0.99, half of
+it graph insertion.)
 Keys there are random unit vectors, the hardest case for IVF recall.
 """
 
@@ -251,7 +252,7 @@ def exact_topk(
     filled: torch.Tensor,  # (S,) valid rows (a prefix of the C slots)
     queries: torch.Tensor,  # (S, Q, d) fp32
     k: int,
-    chunk: int = 16384,
+    chunk: int = 65536,
     group: int = 16,
     tile_elems: int = 1 << 25,
 ) -> tuple[torch.Tensor, torch.Tensor]:
