@@ -6,7 +6,7 @@
 #   pkm       3 layers + a 262,144-slot PKM in the middle layer, d_model 256
 #   pkm-noBN  the same without the query BatchNorm (the paper's ablation)
 #   dense-3L  3 dense layers           dense-6L  6 dense layers
-# Each evaluates every EVAL_EVERY steps on 60K held-out tokens (metrics.jsonl "eval"
+# Each evaluates every 500 steps on the first 60K held-out tokens (metrics.jsonl "eval"
 # rows; PKM rows carry pkm_usage), then on every token of the valid and test splits
 # (eval-valid.json, eval-test.json). A job stopped by its time limit checkpoints and
 # keeps its curve. Then: python scripts/collect_pkm_usage.py OUT/*/ --out PREFIX
@@ -39,7 +39,7 @@ job() {  # name, args...
         timeout -s TERM "$limit" python -m memformers train --run-dir "$out/$name" \
             "${common[@]}" "$@"
         for split in valid test; do
-            timeout 60 python -m memformers eval "$out/$name" --split "$split" \
+            timeout 120 python -m memformers eval "$out/$name" --split "$split" \
                 --max-docs 0 --max-tokens 0 --no-progress
         done
         if [[ $name == pkm ]]; then
