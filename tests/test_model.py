@@ -114,3 +114,66 @@ def test_loss_ignores_padding_and_training_lowers_it():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("cache", [0, 7])
+def test_causal_sdpa_in_query_blocks_equals_one_call(monkeypatch, cache):
+    """CPU math path (a mask with a gradient): query blocks that skip the keys their rows
+    cannot see give one call's output and gradients, with a cache holding invalid keys and
+    a partial last block."""
+    import torch.nn.functional as F
+
+    from memformers.model import attention
+
+    torch.manual_seed(0)
+    B, H, L, d = 2, 3, 21, 8
+    q = torch.randn(B, H, L, d, requires_grad=True)
+    k = torch.randn(B, H, cache + L, d, requires_grad=True)
+    v = torch.randn(B, H, cache + L, d, requires_grad=True)
+    bias = torch.randn(1, H, L, cache + L, requires_grad=True)
+    causal = torch.ones(L, cache + L, dtype=torch.bool).tril(diagonal=cache)
+    key_ok = torch.ones(B, cache + L, dtype=torch.bool)
+    key_ok[1, :2] = cache == 0  # stream 1: two invalid cache rows (a token sees itself)
+
+    def run(fn):
+        for t in (q, k, v, bias):
+            t.grad = None
+        mask = bias.masked_fill(~causal, float("-inf")).masked_fill(
+            ~key_ok[:, None, None], float("-inf"))
+        out = fn(mask)
+        out.square().sum().backward()
+        return [out.detach()] + [t.grad.clone() for t in (q, k, v, bias)]
+
+    want = run(lambda mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw))
+    got = run(lambda mask: attention.causal_sdpa(q, k, v, mask, None, 0.0))
+    assert calls == [4, 4, 4, 4, 4, 1]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_model_trains_the_same_with_causal_blocks(monkeypatch):
+    """Two XL segments, forward and backward: every gradient equal with query blocks of 4
+    rows and with one SDPA call per layer."""
+    from memformers.model import attention
+
+    def grads(block):
+        monkeypatch.setattr(attention, "CAUSAL_BLOCK", block)
+        model = small(position="t5", xl_cache=True).train()
+        model.allocate_state(2)
+        tokens = torch.randint(0, 50, (2, 33), generator=torch.Generator().manual_seed(1))
+        loss = 0
+        for seg in (tokens[:, :17], tokens[:, 16:]):
+            loss = loss + lm_loss(model(seg[:, :-1]), seg[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss_a, a = grads(4)
+    loss_b, b = grads(10**6)
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
