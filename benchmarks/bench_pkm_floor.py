@@ -30,13 +30,14 @@ import time
 from pathlib import Path
 
 import torch
+from bench_pkm import D_FF, D_MODEL, fwd_bwd, inputs, make_pkm
 from torch import nn
 
-from memformers.memory.configs import PKMConfig
-from memformers.memory.pkm import MaskedBatchNorm1d, ProductKeyMemory
+from memformers.memory.pkm import MaskedBatchNorm1d
 from memformers.model.ffn import MLP
 
-D_MODEL, D_FF, HEADS, K_DIM, N_KEYS, TOP_K, TOKENS = 256, 1024, 4, 256, 512, 32, 4 * 512
+HEADS, K_DIM, N_KEYS, TOP_K, BATCH, SEQ = 4, 256, 512, 32, 4, 512  # the sizes
+TOKENS = BATCH * SEQ
 
 
 def timed(fn) -> float:
@@ -46,11 +47,12 @@ def timed(fn) -> float:
 
 
 def contenders() -> dict:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(TOKENS, D_MODEL, generator=g, requires_grad=True)
+    sizes = argparse.Namespace(batch=BATCH, seq=SEQ, device="cpu", k_dim=K_DIM)
+    x3, mask = inputs(sizes)  # (B, L, D) with its all-real mask
+    x = x3.detach().view(TOKENS, D_MODEL).requires_grad_()
     ffn = MLP(D_MODEL, D_FF)
-    layer = ProductKeyMemory(PKMConfig(layers=[0], n_keys=N_KEYS, heads=HEADS, k_dim=K_DIM,
-                                       top_k=TOP_K, sparse=True), d_model=D_MODEL)
+    layer = make_pkm(N_KEYS, True, sizes)  # sparse value gradients, the CPU default
+    g = torch.Generator().manual_seed(1)
     query = nn.Linear(D_MODEL, HEADS * K_DIM)
     norm = MaskedBatchNorm1d(HEADS * K_DIM)
     half = K_DIM // 2
@@ -60,13 +62,6 @@ def contenders() -> dict:
     values = nn.EmbeddingBag(N_KEYS ** 2, D_MODEL, mode="sum", sparse=True)
     slots = torch.randint(0, N_KEYS ** 2, (TOKENS, HEADS * TOP_K), generator=g)
     weights = torch.rand(TOKENS, HEADS * TOP_K, generator=g).requires_grad_()
-
-    def fwd_bwd(module):
-        def run():
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            module(x.view(4, 512, D_MODEL)).square().mean().backward()
-        return run
 
     def query_part():
         query.zero_grad(set_to_none=True)
@@ -84,8 +79,9 @@ def contenders() -> dict:
     def topk_part():
         scores.topk(TOP_K, dim=-1)
 
-    return {"dense FFN 256-1024-256": fwd_bwd(ffn), "PKM layer (sparse value grads)":
-            fwd_bwd(layer), "query": query_part, "score": score_part, "top-k": topk_part,
+    return {"dense FFN 256-1024-256": lambda: fwd_bwd(ffn, x3, mask, "cpu"),
+            "PKM layer (sparse value grads)": lambda: fwd_bwd(layer, x3, mask, "cpu"),
+            "query": query_part, "score": score_part, "top-k": topk_part,
             "values": value_part}
 
 

@@ -49,18 +49,21 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| run | valid loss | test loss | usage valid | usage test | KL test | "
              "slots with 50% / 90% (test) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         v, t = r["final"].get("valid", {}), r["final"].get("test", {})
-        pct = (lambda x: None if x is None else 100 * x)
         lines.append(
             f"| {r['name']} | {fmt(v.get('loss'), '.4f')} | {fmt(t.get('loss'), '.4f')} | "
-            f"{fmt(pct(v.get('used')), '.1f')}% | {fmt(pct(t.get('used')), '.1f')}% | "
+            f"{pct(v.get('used'))} | {pct(t.get('used'))} | "
             f"{fmt(t.get('kl_uniform'), '.3f')} | "
             f"{fmt(t.get('slots_50'), ',')} / {fmt(t.get('slots_90'), ',')} |")
-    return "\n".join(lines).replace("| -% ", "| - ")
+    return "\n".join(lines)
 
 
 def plot(runs: list[dict], path: Path) -> None:

@@ -21,11 +21,9 @@ from memformers.memory import pkm
 
 
 def batch_statistics(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    m = (torch.ones_like(x[:, 0]) if mask is None else mask.to(x.dtype))[:, None]  # (T, 1)
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum(0) / n
-    var = ((x - mean).square() * m).sum(0) / n
-    return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+    """MaskedBatchNorm1d.forward in eval, normalising with this batch's real tokens."""
+    mean, var, _ = self.masked_moments(x, mask)
+    return self.normalise(x, mean, var)
 
 
 def main() -> None:

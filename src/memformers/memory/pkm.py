@@ -61,11 +61,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                 return super().forward(x)
             return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(),
                                 self.weight, self.bias, True, 0.0, self.eps)  # same kernel
-        m = (torch.ones_like(x[:, 0]) if mask is None else mask.to(x.dtype))[:, None]  # (T, 1)
-        count = m.sum()
-        n = count.clamp(min=1)
-        mean = (x * m).sum(0) / n  # (C,)
-        var = ((x - mean).square() * m).sum(0) / n  # biased, used to normalise
+        mean, var, count = self.masked_moments(x, mask)
         if update:
             with torch.no_grad():  # a batch without real tokens updates nothing
                 unbiased = var * (count / (count - 1).clamp(min=1))
@@ -78,6 +74,18 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                 self.running_mean.data.lerp_(mean, w)
                 self.running_var.data.lerp_(unbiased, w)
                 self.num_batches_tracked += 1
+        return self.normalise(x, mean, var)
+
+    @staticmethod
+    def masked_moments(x: torch.Tensor, mask: torch.Tensor | None):
+        """Mean and biased variance (C,) over the real rows of x (T, C), and their count."""
+        m = (torch.ones_like(x[:, 0]) if mask is None else mask.to(x.dtype))[:, None]  # (T, 1)
+        count = m.sum()
+        n = count.clamp(min=1)
+        mean = (x * m).sum(0) / n
+        return mean, ((x - mean).square() * m).sum(0) / n, count
+
+    def normalise(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight + self.bias if self.affine else y
 
