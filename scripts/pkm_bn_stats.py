@@ -16,6 +16,7 @@ import torch
 
 from memformers.cli import load_trained_model
 from memformers.data.corpus import CorpusSplit
+from memformers.errors import MemformersError
 from memformers.evaluate.lm import evaluate_lm
 from memformers.memory import pkm
 
@@ -33,7 +34,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=0)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    cfg, model, tok = load_trained_model(args.run_dir, [], args.device)
+    try:
+        cfg, model, tok = load_trained_model(args.run_dir, [], args.device)
+    except MemformersError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not any(isinstance(m, pkm.MaskedBatchNorm1d) for m in model.modules()):
+        raise SystemExit(f"error: {args.run_dir} has no product-key layer with a query "
+                         f"BatchNorm (model.pkm.query_norm)")
     split = CorpusSplit.open(Path(cfg.data.corpus), args.split)
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

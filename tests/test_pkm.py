@@ -376,3 +376,13 @@ def test_collect_pkm_usage_tables_curves_and_final_splits(tmp_path):
                          text=True)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error:")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bn_stats_script_rejects_a_non_run_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "scripts/pkm_bn_stats.py", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and res.stderr.strip().startswith("error:")
+    assert len(res.stderr.strip().splitlines()) == 1
