@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -53,7 +54,7 @@ from tqdm import tqdm
 from memformers.errors import MemformersError
 from memformers.memory.configs import InfiniConfig, KNNConfig
 
-TRANSFORMERS_RANGE = ">=5.0,<6"  # tested with 5.23; 4.x has other attention internals
+TRANSFORMERS_RANGE = ">=5.0,<6"  # CI tests 5.0.0 and the newest (.ci/); 4.x differs inside
 # model_type -> attention layout ("gpt2": fused c_attn, no RoPE; "llama": q/k/v/o_proj + RoPE)
 SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 KINDS = {"knn": KNNConfig, "infini": InfiniConfig}
@@ -92,6 +93,9 @@ class MemoryAttention(nn.Module):
         super().__init__()
         for name, child in original.named_children():  # q_proj, c_attn, ...: same names
             self.add_module(name, child)
+        for name, buf in original.named_buffers(recurse=False):  # GPT-2's causal "bias" (5.0)
+            self.register_buffer(name, buf, persistent=name not in
+                                 original._non_persistent_buffers_set)
         for key, value in vars(original).items():  # config, layer_idx, scaling, head_dim...
             if not key.startswith("_") and key != "training":
                 setattr(self, key, value)
@@ -101,6 +105,24 @@ class MemoryAttention(nn.Module):
         self._control = control
         self.kind, self.mem_heads, self.mem_kv_heads = kind, n_heads, n_kv_heads
         self.memory = memory
+        # transformers 5.24 renamed the attention's ``past_key_values`` to ``cache`` and passes
+        # the forward's kwargs on to ``cache.update``; older 5.x take neither.
+        params = inspect.signature(type(original).forward).parameters
+        self._cache_takes_kwargs = "cache" in params
+
+    def _update_kv_cache(self, cache, k, v, kwargs):
+        """Append this step's k, v (B, Hkv, L, d) to the HF KV cache; returns all keys, values."""
+        if self._cache_takes_kwargs:
+            return cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        return cache.update(k, v, self.layer_idx)
+
+    def _attention_function(self):
+        """The library's attention kernel for ``config._attn_implementation``, as it picks it."""
+        impl, modeling = self.config._attn_implementation, self._modeling
+        functions = modeling.ALL_ATTENTION_FUNCTIONS
+        if hasattr(functions, "get_interface"):  # transformers >= 5.x (later releases)
+            return functions.get_interface(impl, modeling.eager_attention_forward)
+        return modeling.eager_attention_forward if impl == "eager" else functions[impl]
 
     # ----------------------------------------------------------------- memory state
 
@@ -168,26 +190,27 @@ class GPT2MemoryAttention(MemoryAttention):
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None,
                 encoder_hidden_states=None, encoder_attention_mask=None,
-                output_attentions=False, **kwargs):
+                output_attentions=False, cache=None, **kwargs):
         if encoder_hidden_states is not None:
             raise MemformersError("memory layers do not support GPT-2 cross-attention")
         q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
         keys, values = k, v
-        if past_key_values is not None:
-            cache = getattr(past_key_values, "self_attention_cache", past_key_values)
-            keys, values = cache.update(k, v, self.layer_idx)
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)
+            keys, values = self._update_kv_cache(cache, k, v, kwargs)
         impl = self.config._attn_implementation
+        # transformers < 5.2x: no ``scaling`` attribute; the kernels scale by 1/sqrt(d) themselves
+        scaling = {"scaling": self.scaling} if hasattr(self, "scaling") else {}
         if impl == "eager" and self.reorder_and_upcast_attn:
             attn, weights = self._original_class._upcast_and_reordered_attn(
                 self, q, keys, values, attention_mask)
         else:
-            interface = self._modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
-                impl, self._modeling.eager_attention_forward)
-            attn, weights = interface(self, q, keys, values, attention_mask,
+            attn, weights = self._attention_function()(self, q, keys, values, attention_mask,
                                       dropout=self.attn_dropout.p if self.training else 0.0,
-                                      scaling=self.scaling, **kwargs)  # (B, L, H, d)
+                                      **scaling, **kwargs)  # (B, L, H, d)
         out = self._with_memory(hidden_states, q, k, v, attn.transpose(1, 2)).transpose(1, 2)
         out = out.reshape(*out.shape[:-2], -1).contiguous()
         return self.resid_dropout(self.c_proj(out)), weights
@@ -197,7 +220,7 @@ class LlamaMemoryAttention(MemoryAttention):
     """``LlamaAttention`` / ``MistralAttention`` / ``Qwen2Attention`` plus memory."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, L, d)
@@ -206,10 +229,10 @@ class LlamaMemoryAttention(MemoryAttention):
         cos, sin = position_embeddings
         q_rot, k_rot = self._modeling.apply_rotary_pos_emb(q, k, cos, sin)
         keys, values = k_rot, v
-        if past_key_values is not None:
-            keys, values = past_key_values.update(k_rot, v, self.layer_idx)
-        interface = self._modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, self._modeling.eager_attention_forward)
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            keys, values = self._update_kv_cache(cache, k_rot, v, kwargs)
+        interface = self._attention_function()
         extra = {}
         if self.config.model_type == "mistral":
             extra["sliding_window"] = getattr(self.config, "sliding_window", None)
