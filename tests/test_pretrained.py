@@ -18,8 +18,7 @@ def test_demo_base_matches_recorded_hash():
 def test_demo_base_loads_into_its_config_and_predicts_python():
     cfg = load_config("configs/demo/base.toml")
     model = MemformerLM(cfg.model).eval()
-    missing = load_model_weights(model, shipped_weights("demo-base"), strict=False)
-    assert missing == ["blocks.2.attn.memory.gate"]  # never trained: starts at gate_init
+    assert load_model_weights(model, shipped_weights("demo-base")) == []  # strict: all there
     text = b"import os\nimport sys\n\n\ndef main():\n    return 0\n" * 4
     tokens = torch.tensor([list(text)])
     with torch.no_grad():
@@ -51,3 +50,17 @@ def test_passkey_knn_retrieves_beyond_the_window_only_with_its_memory():
                              segment_len=cfg.data.segment_len, progress=False, seed=7)
         acc[capacity] = r["accuracy"][0][0]
     assert acc == {4096: 1.0, 0: 0.0}
+
+
+def test_shipped_names_load_like_run_directories():
+    from memformers.cli import load_trained_model
+    from memformers.pretrained import load_shipped_model
+
+    cfg, model = load_shipped_model("demo-base", ["model.knnlm.capacity=128"])
+    assert cfg.model.n_layers == 4 and model.knnlm is not None and cfg.data.segment_len == 256
+    cfg2, model2, tok = load_trained_model("demo-base", ["data.corpus=none"], "cpu",
+                                           need_corpus=False)
+    assert cfg2.model == load_config("configs/demo/base.toml").model
+    assert tok.vocab_size == 256
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)

@@ -36,13 +36,33 @@ def _load_run_config(run_dir: Path, overrides: list[str]):
     return config_from_dict(apply_overrides(json.loads(cfg_file.read_text()), overrides))
 
 
-def load_trained_model(run_dir: Path, overrides: list[str] = (), device: str = "auto"):
-    """(config, model, tokenizer) of a finished or checkpointed run."""
-    from memformers.data.tokenizer import load_tokenizer
+def is_shipped(run_dir: str | Path) -> bool:
+    """A shipped model name (``demo-base``, ...) given where a run directory goes."""
+    from memformers.pretrained import SHIPPED
+
+    return str(run_dir) in SHIPPED and not Path(run_dir).exists()
+
+
+def load_trained_model(run_dir: str | Path, overrides: list[str] = (), device: str = "auto",
+                       need_corpus: bool = True):
+    """(config, model, tokenizer) of a finished or checkpointed run, or of shipped weights
+    named like ``demo-base`` (their record's config; its corpus for the tokenizer)."""
+    from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
     from memformers.model import build_model
+    from memformers.pretrained import shipped_config, shipped_weights
     from memformers.train.checkpoint import latest_checkpoint, load_model_weights
     from memformers.train.trainer import resolve_device
 
+    run_dir = Path(run_dir)
+    if is_shipped(run_dir):
+        cfg = shipped_config(str(run_dir), list(overrides))
+        weights = shipped_weights(str(run_dir))
+        corpus = Path(cfg.data.corpus)
+        # the shipped models are byte-level: without their corpus, the byte tokenizer
+        tokenizer = load_tokenizer(corpus) if need_corpus or corpus.is_dir() else ByteTokenizer()
+        model = build_model(cfg.model, tokenizer).to(resolve_device(device))
+        load_model_weights(model, weights)
+        return cfg, model.eval(), tokenizer
     cfg = _load_run_config(run_dir, list(overrides))
     tokenizer = load_tokenizer(Path(cfg.data.corpus))
     weights = run_dir / "model.safetensors"
@@ -182,7 +202,8 @@ def cmd_eval(args) -> int:
         report = write_report(results, args.out)
         print(f"\nreport written to {report}")
     else:
-        out = run_dir / f"eval-{args.split}.json"
+        out = (Path(f"eval-{run_dir}-{args.split}.json") if is_shipped(run_dir)  # no run dir
+               else run_dir / f"eval-{args.split}.json")
         lm = {k: v for k, v in parts["eval"].items() if k != "doc_losses"}
         out.write_text(json.dumps(lm, indent=2))
         print(f"written {out}")
@@ -194,7 +215,8 @@ def cmd_generate(args) -> int:
 
     from memformers.evaluate.generate import feed_and_generate
 
-    cfg, model, tok = load_trained_model(Path(args.run_dir), args.set, args.device)
+    cfg, model, tok = load_trained_model(Path(args.run_dir), args.set, args.device,
+                                         need_corpus=False)
     if not args.prompt:
         raise MemformersError("--prompt must not be empty")
     torch.manual_seed(args.seed)

@@ -21,7 +21,13 @@ from typing import Any
 import tomllib
 
 from memformers.errors import MemformersError
-from memformers.memory.configs import ContinuousConfig, InfiniConfig, KNNConfig, PKMConfig
+from memformers.memory.configs import (
+    ContinuousConfig,
+    InfiniConfig,
+    KNNConfig,
+    KNNLMConfig,
+    PKMConfig,
+)
 
 
 @dataclass
@@ -50,6 +56,7 @@ class ModelConfig:
     pkm: PKMConfig = field(default_factory=PKMConfig)
     infini: InfiniConfig = field(default_factory=InfiniConfig)
     continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
+    knnlm: KNNLMConfig = field(default_factory=KNNLMConfig)  # output-side kNN-LM (no training)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class DataConfig:
     eval_split: str = "valid"
     eval_max_docs: int = 64  # held-out documents streamed per evaluation (0 = all)
     eval_max_tokens: int = 0  # stop evaluation after this many tokens (0 = no limit)
+    eval_max_doc_tokens: int = 0  # score only the first N tokens of each document (0 = all)
     min_doc_tokens: int = 1  # documents shorter than this are skipped
 
 
@@ -259,8 +267,8 @@ def validate(cfg: RunConfig) -> None:
     _check(m.pkm.sparse is not True or (t.parallel == "ddp" and not t.shard_pkm_values),
            "model.pkm.sparse=true cannot be combined with train.parallel='fsdp' or "
            "train.shard_pkm_values: FSDP2 has no sparse gradients")
-    _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0,
-           "data.eval_max_docs and data.eval_max_tokens must be >= 0")
+    _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0 and d.eval_max_doc_tokens >= 0,
+           "data.eval_max_docs, eval_max_tokens and eval_max_doc_tokens must be >= 0")
 
     if m.hf_path:  # layer indices are checked against the HF model by add_memory
         _check(not (m.pkm.layers or m.continuous.layers or m.xl_cache),
@@ -297,6 +305,19 @@ def validate(cfg: RunConfig) -> None:
     _check(k.backend != "faiss" or k.capacity % blk == 0,
            f"model.knn.capacity ({k.capacity}) must be a multiple of model.knn.faiss_block "
            f"({k.faiss_block}) with the faiss backend")
+
+    n = m.knnlm
+    _check(n.capacity >= 0, f"model.knnlm.capacity must be >= 0, got {n.capacity}")
+    _check(n.top_k > 0, f"model.knnlm.top_k must be positive, got {n.top_k}")
+    _check(n.temperature > 0, f"model.knnlm.temperature must be positive, got {n.temperature}")
+    _check(0 <= n.lam < 1, f"model.knnlm.lam must be in [0, 1), got {n.lam}")
+    _check(n.min_distance >= 0, f"model.knnlm.min_distance must be >= 0, got {n.min_distance}")
+    _check(n.search_chunk > 0, f"model.knnlm.search_chunk must be positive, got {n.search_chunk}")
+    _choice(n.similarity, ("cosine", "l2"), "model.knnlm.similarity")
+    _choice(n.key, ("final_norm", "ffn_input"), "model.knnlm.key")
+    _choice(n.storage_dtype, ("float16", "bfloat16", "float32"), "model.knnlm.storage_dtype")
+    _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model: use "
+                                           "memformers.hf.add_memory(model, kind='knnlm')")
 
     p = m.pkm
     _check(p.n_keys > 0 and p.heads > 0 and p.top_k > 0, "model.pkm sizes must be positive")

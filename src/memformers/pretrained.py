@@ -55,20 +55,28 @@ def resolve_weights(value: str) -> Path:
     return weights
 
 
-def load_shipped_model(name: str, overrides: list[str] = (), device="cpu"):
-    """(RunConfig, MemformerLM in eval mode) of shipped weights whose record holds "model".
-
-    ``overrides`` are ``model.key=value`` settings (e.g. ``model.knn.capacity=0``).
-    """
+def shipped_config(name: str, overrides: list[str] = ()):
+    """The ``RunConfig`` of shipped weights ``name`` (model, segment length and corpus of its
+    record) with ``overrides`` (``key=value``, e.g. ``model.knnlm.capacity=65536``)."""
     from memformers.config import apply_overrides, config_from_dict
+
+    if name not in SHIPPED:
+        raise MemformersError(f"no shipped weights named '{name}' (have: {', '.join(SHIPPED)})")
+    record = shipped_record(name)
+    data = {"segment_len": record["segment_len"]}
+    if "corpus" in record:
+        data["corpus"] = record["corpus"]
+    raw = {"model": record["model"], "data": data}
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def load_shipped_model(name: str, overrides: list[str] = (), device="cpu"):
+    """(RunConfig, MemformerLM in eval mode) of shipped weights ``name``; see ``shipped_config``.
+    """
     from memformers.model import MemformerLM
     from memformers.train.checkpoint import load_model_weights
 
-    record = shipped_record(name)
-    if "model" not in record:
-        raise MemformersError(f"shipped weights '{name}' have no model config in their record")
-    raw = {"model": record["model"], "data": {"segment_len": record["segment_len"]}}
-    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
+    cfg = shipped_config(name, overrides)
     model = MemformerLM(cfg.model).to(device)
     load_model_weights(model, shipped_weights(name))
     return cfg, model.eval()

@@ -385,7 +385,8 @@ def _lm_eval(model, split, token_bytes, cfg: RunConfig, max_docs: int, max_token
     start = time.perf_counter()
     ev = evaluate_lm(model, split, token_bytes, batch_size=cfg.data.batch_size,
                      segment_len=cfg.data.segment_len, max_docs=max_docs,
-                     max_tokens=max_tokens, record_docs=(doc,) if doc >= 0 else (),
+                     max_tokens=max_tokens, max_doc_tokens=cfg.data.eval_max_doc_tokens,
+                     record_docs=(doc,) if doc >= 0 else (),
                      autocast=autocast, progress=progress)
     seconds = time.perf_counter() - start
     per_token = ev.pop("per_token", {})
@@ -669,6 +670,8 @@ def evaluate_model(get_model: Callable[[], Any], cfg: RunConfig, tokenizer, spec
     n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     doc = resolve_doc_index(split, spec, n_docs)
     lm_key = {"split": split_name, "max_docs": max_docs, "max_tokens": max_tokens, "doc": doc}
+    if cfg.data.eval_max_doc_tokens:  # absent otherwise: earlier cached results stay valid
+        lm_key["max_doc_tokens"] = cfg.data.eval_max_doc_tokens
 
     def lm_eval(model, c: RunConfig) -> dict:
         return _lm_eval(model, split, tokenizer.token_bytes, c, max_docs, max_tokens, doc,

@@ -68,6 +68,7 @@ class DocumentStreams:
         rank: int = 0,
         world_size: int = 1,
         min_doc_tokens: int = 2,
+        max_doc_tokens: int = 0,
     ) -> None:
         if batch_size <= 0 or segment_len <= 0:
             raise MemformersError(f"batch_size and segment_len must be positive, got "
@@ -88,6 +89,8 @@ class DocumentStreams:
         # the documents one epoch visits (over all ranks): at least 2 tokens each
         candidates = range(split.n_docs) if doc_indices is None else doc_indices
         lengths = np.diff(split.offsets)
+        if max_doc_tokens > 0:  # only each document's first max_doc_tokens tokens
+            lengths = np.minimum(lengths, max_doc_tokens)
         min_len = max(2, min_doc_tokens)
         for i in candidates:
             if not 0 <= i < split.n_docs:

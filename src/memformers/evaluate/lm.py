@@ -55,7 +55,8 @@ def _summary(nll: float, n_tok: int, n_bytes: int) -> dict:
 
 @torch.no_grad()
 def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segment_len: int,
-                max_docs: int = 0, max_tokens: int = 0, buckets=POSITION_BUCKETS,
+                max_docs: int = 0, max_tokens: int = 0, max_doc_tokens: int = 0,
+                buckets=POSITION_BUCKETS,
                 record_docs: tuple[int, ...] = (), autocast=None, progress: bool = True,
                 rank: int = 0, world_size: int = 1) -> dict:
     """Stream held-out documents of ``split``; see module docstring.
@@ -69,7 +70,7 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
                               doc_indices=list(range(n_docs)), rank=rank,
-                              world_size=world_size)
+                              world_size=world_size, max_doc_tokens=max_doc_tokens)
     edges = torch.tensor(buckets[1:], device=device)
     tbytes = torch.as_tensor(np.asarray(token_bytes), device=device, dtype=torch.float64)
     n_b = len(buckets)
@@ -77,7 +78,7 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     tok_sum = torch.zeros(n_b, dtype=torch.float64, device=device)
     byte_sum = torch.zeros(n_b, dtype=torch.float64, device=device)
     recorded: dict[int, list[np.ndarray]] = {d: [] for d in record_docs}
-    total = sum(split.doc_len(i) - 1 for i in range(n_docs))
+    total = streams.tokens_per_epoch
     if max_tokens:
         total = min(total, max_tokens)
     bar = tqdm(total=total, desc="eval", unit="tok", disable=not progress, leave=False)

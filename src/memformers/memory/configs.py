@@ -35,6 +35,25 @@ class KNNConfig:
 
 
 @dataclass
+class KNNLMConfig:
+    """Training-free kNN-LM over the model's own hidden states (docs/knnlm.md).
+
+    Khandelwal et al. 2020 (kNN-LM) with a per-document datastore as in the neural
+    cache of Grave et al. 2017: p = (1 - lambda) p_LM + lambda p_kNN.
+    """
+
+    capacity: int = 0  # (hidden state, next token) pairs per stream, FIFO; 0 = off
+    top_k: int = 64
+    temperature: float = 0.025  # p_kNN over neighbours = softmax(similarity / temperature)
+    lam: float = 0.2  # lambda: the kNN distribution's weight in the mixture
+    similarity: str = "cosine"  # "cosine" (normalised keys) | "l2" (-squared distance)
+    key: str = "final_norm"  # "final_norm" | "ffn_input" (the last FFN's normalised input)
+    min_distance: int = 0  # leave out the last N positions (e.g. segment + XL cache)
+    storage_dtype: str = "float16"  # keys: "float16" | "bfloat16" | "float32"
+    search_chunk: int = 16384  # stored rows scored at a time (bounds scratch memory)
+
+
+@dataclass
 class PKMConfig:
     """Product-key memory replacing the FFN of chosen layers (REFERENCE.md section 2)."""
 

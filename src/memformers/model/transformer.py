@@ -1,6 +1,9 @@
 """Decoder-only Transformer LM with swappable attention memories and FFNs.
 
 Pre-norm blocks: x = x + Attn(LN(x)); x = x + FFN(LN(x)); tied embeddings.
+An optional kNN-LM head (``model.knnlm``, memory/knnlm.py) mixes the output
+distribution with one retrieved from the stream's own past hidden states.
+
 The model walks long documents segment by segment: ``forward`` takes one
 segment per stream plus the per-stream ``new_doc`` flags; every piece of
 per-stream state (XL cache, memories) is reset for exactly those streams
@@ -15,6 +18,7 @@ from torch import nn
 
 from memformers.config import ModelConfig
 from memformers.memory import build_attention_memory, build_ffn
+from memformers.memory.knnlm import KNNLM
 from memformers.memory.state import (
     allocate_states,
     begin_segment,
@@ -38,8 +42,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask, rel_bias, commit, shared=None):
+        """-> (block output, the FFN's normalised input), each (B, L, D)."""
         x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit, shared))
-        return x + self.drop(self.ffn(self.norm2(x), mask))
+        h = self.norm2(x)
+        return x + self.drop(self.ffn(h, mask)), h
 
 
 class MemformerLM(nn.Module):
@@ -55,6 +61,8 @@ class MemformerLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, rotary, shared) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # the training-free kNN-LM over the model's own hidden states (no parameters)
+        self.knnlm = KNNLM(cfg.knnlm, cfg.d_model) if cfg.knnlm.capacity > 0 else None
         self.apply(self._init)
         nn.init.normal_(self.embed.weight, std=0.02)
         if cfg.tie_embeddings:
@@ -93,13 +101,18 @@ class MemformerLM(nn.Module):
         new_doc: torch.Tensor | None = None,  # (B,) bool: reset these streams first
         mask: torch.Tensor | None = None,  # (B, L) bool: real tokens
         commit: bool = True,  # write this segment into per-stream state
-    ) -> torch.Tensor:  # (B, L, V) logits
+    ) -> torch.Tensor:  # (B, L, V) logits; log-probabilities with the kNN-LM on
         mask = begin_segment(self, tokens, new_doc, mask)
-        x = self.embed(tokens)
+        x = self.embed(tokens)  # (B, L, D)
         shared: dict = {}  # per-forward scratch shared by the layers (the attention mask)
         for block in self.blocks:
-            x = block(x, mask, self.rel_bias, commit, shared)
-        return self.head(self.norm(x))
+            x, ffn_input = block(x, mask, self.rel_bias, commit, shared)
+        h = self.norm(x)  # (B, L, D)
+        logits = self.head(h)  # (B, L, V)
+        if self.knnlm is not None:
+            keys = h if self.cfg.knnlm.key == "final_norm" else ffn_input
+            logits = self.knnlm(logits, keys, tokens, mask, commit)
+        return logits
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -437,5 +437,6 @@ class Trainer:
         return evaluate_lm(self.model, self.eval_split, self.tokenizer.token_bytes,
                            batch_size=d.batch_size, segment_len=d.segment_len,
                            max_docs=d.eval_max_docs, max_tokens=d.eval_max_tokens,
+                           max_doc_tokens=d.eval_max_doc_tokens,
                            autocast=self.autocast, progress=self.progress,
                            rank=self.dist.rank, world_size=self.dist.world_size, **kw)

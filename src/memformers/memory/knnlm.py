@@ -1,0 +1,254 @@
+"""kNN-LM: a training-free memory over the model's own hidden states (docs/knnlm.md).
+
+Khandelwal et al. 2020 (eq. 2) with a per-document datastore, as in the neural
+cache of Grave et al. 2017. Each stream keeps a FIFO of (key, next token) pairs:
+the key of position p is the hidden state h_p (the final LayerNorm's output, or
+the last FFN's normalised input), its value the token x_{p+1}. A pair is stored
+once its next token is known, so position t may retrieve the pairs of positions
+p <= t - 1 - min_distance (never itself, never later positions). Then
+
+    s_i     = cos(h_t, k_i)   or   -|h_t - k_i|^2          (similarity)
+    N_t     = the top_k pairs by s_i
+    p_kNN   = sum_{i in N_t} softmax_i(s_i / temperature) [v_i = w]
+    p(w)    = (1 - lambda) p_LM(w | x_<=t) + lambda p_kNN(w)
+
+and the head returns log p (log-probabilities, so cross-entropy on them scores
+log(mixture), never mixed logits). A position with no stored pair keeps
+p = p_LM. With lambda = 0 the model's logits are returned untouched.
+
+State per stream (``StreamState``; reset at a new document):
+
+    keys   (B, C, D) storage dtype   ring of keys (normalised for cosine)
+    values (B, C) int64              their next tokens
+    pos    (B, C) int64              their positions in the document
+    count  (B,)                      pairs written since the reset (slot = count mod C)
+    seen   (B,)                      input tokens seen since the reset
+    pending_key (B, D), pending (B,) the last position's key, waiting for its next token
+                                     (the first token of the stream's next segment)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from memformers.errors import MemformersError
+from memformers.memory.configs import KNNLMConfig
+from memformers.memory.knn_store import STORAGE_DTYPES
+from memformers.memory.state import StreamState, remember, replaying
+
+
+def masked_topk(
+    q: torch.Tensor,  # (B, L, D) fp32 queries
+    keys: torch.Tensor,  # (B, N, D) candidate keys, any float dtype
+    bias: torch.Tensor | None,  # (B, N) fp32 added to every score (-|k|^2 for l2), or None
+    valid: torch.Tensor,  # (B, N) bool: the candidate exists
+    pos: torch.Tensor,  # (B, N) int64 the candidate's position in the document
+    limit: torch.Tensor,  # (B, L) int64: query t may use candidates with pos <= limit[t]
+    k: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``scale * q . key + bias`` over the allowed candidates, ``chunk``
+    candidates at a time; (scores (B, L, k) fp32, indices (B, L, k) int64), -inf / -1 where
+    fewer than k candidates are allowed."""
+    B, L, _ = q.shape
+    best_s = torch.full((B, L, k), float("-inf"), device=q.device)
+    best_i = torch.full((B, L, k), -1, dtype=torch.long, device=q.device)
+    N = keys.shape[1]
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        ok = valid[:, c0:c1]  # (B, n)
+        if not bool(ok.any()):
+            continue
+        sc = torch.bmm(q, keys[:, c0:c1].float().transpose(1, 2))  # (B, L, n)
+        if bias is not None:
+            sc = sc + bias[:, None, c0:c1]
+        p = pos[:, c0:c1]
+        allowed = ok[:, None, :]  # (B, 1, n)
+        if bool((p.masked_fill(~ok, -1).amax(1) > limit.amin(1)).any()):  # some too recent
+            allowed = allowed & (p[:, None, :] <= limit[:, :, None])  # (B, L, n)
+        sc = sc.masked_fill(~allowed, float("-inf"))
+        kk = min(k, c1 - c0)
+        s, i = sc.topk(kk, dim=-1)
+        all_s, all_i = torch.cat([best_s, s], -1), torch.cat([best_i, i + c0], -1)
+        best_s, j = all_s.topk(k, dim=-1)
+        best_i = all_i.gather(2, j)
+    return best_s, best_i.masked_fill(torch.isinf(best_s), -1)
+
+
+class KNNLM(StreamState, nn.Module):
+    """The kNN-LM head; ``forward(logits, h, tokens, mask, commit) -> log p``. No parameters."""
+
+    def __init__(self, cfg: KNNLMConfig, d_model: int):
+        super().__init__()
+        if cfg.storage_dtype not in STORAGE_DTYPES:
+            raise MemformersError(f"model.knnlm.storage_dtype must be one of "
+                                  f"{', '.join(STORAGE_DTYPES)}; got '{cfg.storage_dtype}'")
+        self.cfg, self.d_model = cfg, d_model
+        self.dtype = STORAGE_DTYPES[cfg.storage_dtype]
+        self.allocate(0, "cpu")
+
+    # ----------------------------------------------------------------- stream state
+
+    def allocate(self, batch_size: int, device: torch.device | str) -> None:
+        B, C, D = batch_size, self.cfg.capacity, self.d_model
+        dev = torch.device(device)
+        try:
+            self.keys = torch.zeros(B, C, D, dtype=self.dtype, device=dev)
+            self.values = torch.zeros(B, C, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(B, C, dtype=torch.long, device=dev)
+            self.sqnorm = torch.zeros(B, C, device=dev)  # |k|^2 for the l2 similarity
+        except (RuntimeError, MemoryError) as e:
+            raise MemformersError(f"the kNN-LM datastore needs "
+                                  f"{B * self.state_bytes_per_stream() / 2**30:.2f} GiB for {B} "
+                                  f"streams; lower model.knnlm.capacity "
+                                  f"({e.__class__.__name__})") from None
+        self.count = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seen = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pending_key = torch.zeros(B, D, device=dev)
+        self.pending = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    def reset(self, streams: torch.Tensor) -> None:
+        if replaying():  # the recomputation of a segment leaves the state alone
+            return
+        streams = streams.to(self.count.device)
+        zero = torch.zeros_like(self.count)
+        self.count = torch.where(streams, zero, self.count)
+        self.seen = torch.where(streams, zero, self.seen)
+        self.pending = self.pending & ~streams
+
+    @property
+    def filled(self) -> torch.Tensor:  # (B,) valid ring slots are [0, filled)
+        return self.count.clamp(max=self.cfg.capacity)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        rows = int(self.filled.max()) if self.count.numel() else 0
+        # clones: the ring is written in place afterwards
+        return {"keys": self.keys[:, :rows].clone(), "values": self.values[:, :rows].clone(),
+                "pos": self.pos[:, :rows].clone(), "sqnorm": self.sqnorm[:, :rows].clone(),
+                "count": self.count.clone(), "seen": self.seen.clone(),
+                "pending_key": self.pending_key.clone(), "pending": self.pending.clone()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            self.allocate(self.count.shape[0], self.count.device)
+            return
+        keys = tensors["keys"]
+        if keys.dim() != 3 or keys.shape[1] > self.cfg.capacity or keys.shape[2] != self.d_model:
+            raise MemformersError(f"saved kNN-LM datastore of shape {tuple(keys.shape)} does "
+                                  f"not fit capacity {self.cfg.capacity} x d_model "
+                                  f"{self.d_model}")
+        B, rows, dev = keys.shape[0], keys.shape[1], self.count.device
+        self.allocate(B, dev)
+        self.keys[:, :rows] = keys.to(dev, self.dtype)
+        for name in ("values", "pos", "sqnorm"):
+            getattr(self, name)[:, :rows] = tensors[name].to(dev)
+        self.count = tensors["count"].to(dev, torch.long).clone()
+        self.seen = tensors["seen"].to(dev, torch.long).clone()
+        self.pending_key = tensors["pending_key"].to(dev, torch.float32).clone()
+        self.pending = tensors["pending"].to(dev, torch.bool).clone()
+
+    def state_bytes_per_stream(self) -> int:
+        per_pair = self.d_model * self.dtype.itemsize + 8 + 8 + 4  # key, value, pos, |k|^2
+        return self.cfg.capacity * per_pair + 4 * self.d_model + 32
+
+    # ----------------------------------------------------------------- read
+
+    def _keys(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.detach().float()
+        return nn.functional.normalize(h, dim=-1) if self.cfg.similarity == "cosine" else h
+
+    def _candidates(self, h, tokens, mask):
+        """This segment's pairs, known once their next token is: the pending key (value:
+        the segment's first token), then h_0 .. h_{L-2} (values tokens[1:]).
+        -> keys (B, L, D), values (B, L), valid (B, L), pos (B, L)."""
+        B, L = tokens.shape
+        keys = torch.cat([self.pending_key[:, None], h[:, :L - 1]], 1)  # (B, L, D)
+        valid = mask.clone()
+        valid[:, 0] &= self.pending
+        pos = self.seen[:, None] - 1 + torch.arange(L, device=tokens.device)  # (B, L)
+        return keys, tokens, valid, pos
+
+    def _bias(self, keys: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.similarity == "cosine":
+            return None
+        return -keys.float().pow(2).sum(-1)
+
+    @torch.no_grad()
+    def neighbours(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top_k pairs each position may retrieve: (similarity (B, L, k) fp32, -inf where
+        missing; next tokens (B, L, k) int64). Reads the state only."""
+        cfg = self.cfg
+        B, L = tokens.shape
+        q = self._keys(h)  # (B, L, D)
+        scale = 1.0 if cfg.similarity == "cosine" else 2.0  # -|q-k|^2 = 2qk - |k|^2 - |q|^2
+        qs = q * scale
+        limit = self.seen[:, None] + torch.arange(L, device=q.device) - 1 - cfg.min_distance
+        k = min(cfg.top_k, cfg.capacity + L)
+        C = self.keys.shape[1]
+        ring_ok = torch.arange(C, device=q.device)[None, :] < self.filled[:, None]  # (B, C)
+        s1, i1 = masked_topk(qs, self.keys, None if cfg.similarity == "cosine" else
+                             -self.sqnorm, ring_ok, self.pos, limit, k, cfg.search_chunk)
+        v1 = self.values.gather(1, i1.clamp(min=0).flatten(1)).view(B, L, k)
+        ck, cv, cok, cpos = self._candidates(q, tokens, mask)
+        s2, i2 = masked_topk(qs, ck, self._bias(ck), cok, cpos, limit, k, cfg.search_chunk)
+        v2 = cv.gather(1, i2.clamp(min=0).flatten(1)).view(B, L, k)
+        s, j = torch.cat([s1, s2], -1).topk(k, dim=-1)
+        v = torch.cat([v1, v2], -1).gather(2, j)
+        if cfg.similarity == "l2":  # the constant -|q|^2 makes it the true -distance^2
+            s = s - q.pow(2).sum(-1, keepdim=True)
+        return s, v
+
+    def mix(self, logits: torch.Tensor, sim: torch.Tensor, values: torch.Tensor,
+            lam: float | None = None, temperature: float | None = None) -> torch.Tensor:
+        """log((1 - lam) p_LM + lam p_kNN) (B, L, V) fp32 from ``neighbours``' output."""
+        lam = self.cfg.lam if lam is None else lam
+        temperature = self.cfg.temperature if temperature is None else temperature
+        log_lm = torch.log_softmax(logits.float(), dim=-1)
+        found = torch.isfinite(sim).any(-1, keepdim=True)  # (B, L, 1)
+        w = torch.softmax(sim.masked_fill(~found, 0.0) / temperature, dim=-1)
+        w = w.masked_fill(~torch.isfinite(sim), 0.0)
+        p_knn = torch.zeros_like(log_lm).scatter_add_(2, values, w)  # (B, L, V)
+        mixed = torch.logaddexp(log_lm + math.log1p(-lam), torch.log(p_knn) + math.log(lam))
+        return torch.where(found, mixed, log_lm)
+
+    # ----------------------------------------------------------------- write
+
+    @torch.no_grad()
+    def write(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        """Store this segment's known pairs (FIFO); the last real position becomes pending."""
+        B, L = tokens.shape
+        C = self.cfg.capacity
+        q = self._keys(h)
+        keys, values, valid, pos = self._candidates(q, tokens, mask)
+        n_new = valid.sum(1)  # (B,)
+        rank = valid.long().cumsum(1) - 1
+        keep = valid & (rank >= (n_new - C)[:, None])
+        b, t = keep.nonzero(as_tuple=True)
+        slot = (self.count[b] + rank[b, t]) % C
+        self.keys[b, slot] = keys[b, t].to(self.dtype)
+        self.values[b, slot] = values[b, t]
+        self.pos[b, slot] = pos[b, t]
+        self.sqnorm[b, slot] = keys[b, t].pow(2).sum(-1)
+        self.count = self.count + n_new
+        n_real = mask.sum(1)  # (B,) real tokens: a prefix of the segment
+        last = (n_real - 1).clamp(min=0)
+        has = n_real > 0
+        self.pending_key = torch.where(has[:, None], q[torch.arange(B), last], self.pending_key)
+        self.pending = self.pending | has
+        self.seen = self.seen + n_real
+
+    def forward(self, logits: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor, commit: bool) -> torch.Tensor:
+        """logits (B, L, V), keys h (B, L, D), tokens (B, L), mask (B, L) -> log p (B, L, V)."""
+        # The ring is written in place: a checkpointed segment recomputed in backward reads
+        # what its first run retrieved and writes nothing (memory/state.py).
+        out = logits
+        if self.cfg.lam > 0:
+            out = self.mix(logits, *remember(self, lambda: self.neighbours(h, tokens, mask)))
+        if commit and not replaying():
+            self.write(h, tokens, mask)
+        return out

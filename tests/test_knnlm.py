@@ -1,0 +1,190 @@
+"""The kNN-LM head (memory/knnlm.py) against a brute-force reference."""
+
+import math
+
+import pytest
+import torch
+
+from memformers.config import ModelConfig
+from memformers.memory.configs import KNNLMConfig
+from memformers.memory.knnlm import KNNLM, masked_topk
+from memformers.memory.state import collect_state_tensors, load_collected_state_tensors
+from memformers.model import MemformerLM
+
+D, V = 8, 11
+
+
+def reference(h, tokens, cfg: KNNLMConfig, logits, seg: int = 1 << 30):
+    """Full scan over each stream's whole past, mixture in probability space.
+
+    h (T, D), tokens (T,), logits (T, V) of ONE stream over one document, fed ``seg``
+    tokens at a time -> log p (T, V). Position t of the segment starting at S sees the
+    pairs (h_p, x_{p+1}) with p <= t - 1 - min_distance among: the last ``capacity`` pairs
+    stored before the segment (p <= S - 2; FIFO) and the pairs known inside it."""
+    T = len(tokens)
+    key = torch.nn.functional.normalize(h, dim=-1) if cfg.similarity == "cosine" else h
+    p_lm = torch.softmax(logits.double(), -1)
+    out = torch.empty(T, V, dtype=torch.float64)
+    for t in range(T):
+        known = t - 1 - cfg.min_distance  # last usable key position
+        start = t - t % seg
+        lo = max(0, start - 1 - cfg.capacity)  # the ring holds pairs start-1-C .. start-2
+        ps = list(range(lo, known + 1))
+        if not ps:
+            out[t] = p_lm[t].log()
+            continue
+        if cfg.similarity == "cosine":
+            s = torch.stack([key[t].double() @ key[p].double() for p in ps])
+        else:
+            s = torch.stack([-(key[t].double() - key[p].double()).pow(2).sum() for p in ps])
+        top = s.topk(min(cfg.top_k, len(ps)))
+        w = torch.softmax(top.values / cfg.temperature, 0)
+        p_knn = torch.zeros(V, dtype=torch.float64)
+        for wi, j in zip(w, top.indices.tolist()):
+            p_knn[tokens[ps[j] + 1]] += wi
+        out[t] = ((1 - cfg.lam) * p_lm[t] + cfg.lam * p_knn).log()
+    return out
+
+
+def run_head(head, h, tokens, logits, seg):
+    """Feed one stream per row segment by segment; -> log p (B, T, V)."""
+    B, T = tokens.shape
+    head.allocate(B, "cpu")
+    outs = []
+    for s in range(0, T, seg):
+        mask = torch.ones(B, min(seg, T - s), dtype=torch.bool)
+        outs.append(head(logits[:, s:s + seg], h[:, s:s + seg], tokens[:, s:s + seg], mask,
+                         True))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("cfg", [
+    KNNLMConfig(capacity=1000, top_k=4, temperature=0.1, lam=0.3),
+    KNNLMConfig(capacity=9, top_k=3, temperature=0.5, lam=0.5, min_distance=5),
+    KNNLMConfig(capacity=1000, top_k=50, temperature=2.0, lam=0.25, similarity="l2",
+                storage_dtype="float32"),
+    KNNLMConfig(capacity=20, top_k=6, lam=0.4, min_distance=13, search_chunk=7,
+                storage_dtype="float32"),
+])
+@pytest.mark.parametrize("seg", [1, 6, 64])
+def test_head_equals_brute_force(cfg, seg):
+    torch.manual_seed(0)
+    B, T = 2, 40
+    h = torch.randn(B, T, D)
+    tokens = torch.randint(0, V, (B, T))
+    logits = torch.randn(B, T, V)
+    got = run_head(KNNLM(cfg, D), h, tokens, logits, seg)
+    tol = 2e-2 if cfg.storage_dtype == "float16" else 1e-5
+    for b in range(B):
+        ref = reference(h[b], tokens[b], cfg, logits[b], seg)
+        assert torch.allclose(got[b].double().exp(), ref.exp(), atol=tol), (b, seg)
+        assert torch.allclose(got[b].exp().sum(-1), torch.ones(T), atol=1e-5)
+
+
+def test_never_retrieves_itself_or_later_positions():
+    """Each position's key is a one-hot of its own index: any retrieval of itself or of a
+    later position would show as a neighbour with similarity 1."""
+    T = 30
+    h = torch.eye(T)[None]  # (1, T, T): orthogonal keys
+    h[:, :, 0] += 1e-3  # no zero vectors
+    tokens = torch.arange(T)[None] % V
+    cfg = KNNLMConfig(capacity=100, top_k=T, storage_dtype="float32")
+    head = KNNLM(cfg, T)
+    head.allocate(1, "cpu")
+    for s in range(0, T, 7):
+        sim, vals = head.neighbours(h[:, s:s + 7], tokens[:, s:s + 7],
+                                    torch.ones(1, min(7, T - s), dtype=torch.bool))
+        for j in range(sim.shape[1]):
+            t = s + j
+            assert int(torch.isfinite(sim[0, j]).sum()) == t  # exactly the t earlier pairs
+            assert bool((sim[0, j][torch.isfinite(sim[0, j])] < 0.5).all())
+        head.write(h[:, s:s + 7], tokens[:, s:s + 7], torch.ones(1, min(7, T - s),
+                                                                  dtype=torch.bool))
+
+
+def model_cfg(**knnlm) -> ModelConfig:
+    return ModelConfig(vocab_size=V, n_layers=2, d_model=16, n_heads=2, head_dim=8, d_ff=32,
+                       xl_cache=True, knnlm=KNNLMConfig(**knnlm))
+
+
+def test_lambda_zero_is_the_base_model_bit_for_bit():
+    torch.manual_seed(0)
+    base = MemformerLM(model_cfg()).eval()
+    with_head = MemformerLM(model_cfg(capacity=64, lam=0.0)).eval()
+    with_head.load_state_dict(base.state_dict())  # the head has no parameters
+    tokens = torch.randint(0, V, (2, 30))
+    for s in range(0, 30, 10):
+        new = torch.full((2,), s == 0)
+        assert torch.equal(base(tokens[:, s:s + 10], new_doc=new),
+                           with_head(tokens[:, s:s + 10], new_doc=new))
+    assert int(with_head.knnlm.count.min()) == 29  # it still stores the pairs
+
+
+def test_model_uses_chosen_hidden_state_and_scores_log_mixture():
+    torch.manual_seed(0)
+    m = MemformerLM(model_cfg(capacity=64, lam=0.5, key="ffn_input",
+                              storage_dtype="float32")).eval()
+    tokens = torch.randint(0, V, (1, 12))
+    out = m(tokens, new_doc=torch.ones(1, dtype=torch.bool))
+    assert torch.allclose(out.exp().sum(-1), torch.ones(1, 12), atol=1e-5)  # log-probs
+    # by hand: the last FFN's normalised input as keys, the mixture of probabilities
+    m.allocate_state(1)
+    ffn_in = {}
+    m.blocks[-1].norm2.register_forward_hook(lambda mod, i, o: ffn_in.setdefault("h", o))
+    m.knnlm.cfg.lam = 1e-12  # ~ the base logits, and records the keys
+    base_logp = m(tokens, new_doc=torch.ones(1, dtype=torch.bool))
+    ref = reference(ffn_in["h"][0], tokens[0], m.knnlm.cfg.__class__(
+        capacity=64, lam=0.5, storage_dtype="float32"), base_logp[0])
+    assert torch.allclose(out[0].double().exp(), ref.exp(), atol=1e-5)
+
+
+def test_stream_reset_and_save_load_are_exact():
+    torch.manual_seed(0)
+    cfg = model_cfg(capacity=16, lam=0.3, storage_dtype="float32")
+    m = MemformerLM(cfg).eval()
+    docs = torch.randint(0, V, (2, 40))
+    new = torch.tensor([True, True])
+    m(docs[:, :20], new_doc=new)
+    saved = collect_state_tensors(m)
+    # stream 1 starts a new document: equals a fresh model's first segment on that row
+    after = m(docs[:, 20:30], new_doc=torch.tensor([False, True]))
+    fresh = MemformerLM(cfg).eval()
+    fresh.load_state_dict(m.state_dict())
+    ref = fresh(docs[:, 20:30], new_doc=new)
+    assert torch.equal(after[1], ref[1]) and not torch.allclose(after[0], ref[0])
+    # a model loaded with the saved state continues stream 0 exactly
+    other = MemformerLM(cfg).eval()
+    other.load_state_dict(m.state_dict())
+    other.allocate_state(2)
+    load_collected_state_tensors(other, saved)
+    assert torch.equal(other(docs[:, 20:30], new_doc=torch.tensor([False, True]))[0], after[0])
+
+
+def test_fifo_keeps_exactly_the_last_capacity_pairs():
+    cfg = KNNLMConfig(capacity=5, top_k=5, storage_dtype="float32")
+    head = KNNLM(cfg, D)
+    head.allocate(1, "cpu")
+    h, tokens = torch.randn(1, 23, D), torch.randint(0, V, (1, 23))
+    for s in range(0, 23, 4):
+        head.write(h[:, s:s + 4], tokens[:, s:s + 4], torch.ones(1, min(4, 23 - s),
+                                                                   dtype=torch.bool))
+    assert int(head.count) == 22 and bool(head.pending)  # pairs 0..21; 22 awaits x_23
+    assert sorted(head.pos[0].tolist()) == [17, 18, 19, 20, 21]
+    for slot, p in enumerate(head.pos[0].tolist()):
+        assert int(head.values[0, slot]) == int(tokens[0, p + 1])
+        assert torch.allclose(head.keys[0, slot], torch.nn.functional.normalize(h[0, p], dim=0))
+
+
+def test_masked_topk_equals_sort():
+    torch.manual_seed(3)
+    q, keys = torch.randn(2, 5, D), torch.randn(2, 30, D)
+    valid = torch.rand(2, 30) > 0.3
+    pos = torch.randint(0, 20, (2, 30))
+    limit = torch.randint(0, 20, (2, 5))
+    s, i = masked_topk(q, keys, None, valid, pos, limit, 4, chunk=7)
+    full = torch.einsum("bld,bnd->bln", q, keys)
+    ok = valid[:, None] & (pos[:, None] <= limit[..., None])
+    ref = full.masked_fill(~ok, -math.inf).sort(-1, descending=True).values[..., :4]
+    assert torch.allclose(s, ref)
+    real = torch.isfinite(s)
+    assert bool((i[~real] == -1).all())
