@@ -65,6 +65,12 @@ def run_head(head, h, tokens, logits, seg):
                 storage_dtype="float32"),
     KNNLMConfig(capacity=20, top_k=6, lam=0.4, min_distance=13, search_chunk=7,
                 storage_dtype="float32"),
+    # faiss IVF probing every list is exact; trained after 16 keys, exact before
+    KNNLMConfig(capacity=25, top_k=5, lam=0.3, backend="ivf", ivf_nlist=4, ivf_nprobe=4,
+                ivf_train=16, storage_dtype="float32"),
+    KNNLMConfig(capacity=12, top_k=4, lam=0.3, min_distance=3, similarity="l2",
+                backend="ivf", ivf_nlist=2, ivf_nprobe=2, ivf_train=8,
+                storage_dtype="float32"),
 ])
 @pytest.mark.parametrize("seg", [1, 6, 64])
 def test_head_equals_brute_force(cfg, seg):
@@ -188,3 +194,30 @@ def test_masked_topk_equals_sort():
     assert torch.allclose(s, ref)
     real = torch.isfinite(s)
     assert bool((i[~real] == -1).all())
+
+
+def test_ivf_recall_on_clustered_keys_and_reset():
+    """Few lists probed: still finds most true neighbours of keys that cluster (as hidden
+    states do); a stream reset empties its index only."""
+    torch.manual_seed(0)
+    D2, T = 16, 600
+    centres = torch.randn(20, D2)
+    h = (centres[torch.randint(0, 20, (2, T))] + 0.3 * torch.randn(2, T, D2))
+    tokens = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    exact = KNNLM(KNNLMConfig(capacity=1000, top_k=8, storage_dtype="float32"), D2)
+    ivf = KNNLM(KNNLMConfig(capacity=1000, top_k=8, storage_dtype="float32", backend="ivf",
+                            ivf_nlist=16, ivf_nprobe=4, ivf_train=256), D2)
+    for m in (exact, ivf):
+        m.allocate(2, "cpu")
+        for s in range(0, T - 100, 100):
+            m.write(h[:, s:s + 100], tokens[:, s:s + 100], mask)
+    assert ivf.ivf.ready and ivf.ivf.indexes[0].ntotal == int(ivf.count[0]) == 499
+    q = h[:, T - 100:]
+    se, _ = exact.neighbours(q, tokens[:, T - 100:], mask)
+    si, _ = ivf.neighbours(q, tokens[:, T - 100:], mask)
+    assert bool((si <= se.amax(-1, keepdim=True) + 1e-5).all())
+    recall = (si[..., :, None] - se[..., None, :]).abs().lt(1e-5).any(-1).float().mean()
+    assert recall > 0.8
+    ivf.reset(torch.tensor([True, False]))
+    assert ivf.ivf.indexes[0].ntotal == 0 and ivf.ivf.indexes[1].ntotal == 499

@@ -316,6 +316,9 @@ def validate(cfg: RunConfig) -> None:
     _choice(n.similarity, ("cosine", "l2"), "model.knnlm.similarity")
     _choice(n.key, ("final_norm", "ffn_input"), "model.knnlm.key")
     _choice(n.storage_dtype, ("float16", "bfloat16", "float32"), "model.knnlm.storage_dtype")
+    _choice(n.backend, ("exact", "ivf"), "model.knnlm.backend")
+    _check(0 < n.ivf_nprobe <= n.ivf_nlist and n.ivf_train >= n.ivf_nlist,
+           "model.knnlm: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
     _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model: use "
                                            "memformers.hf.add_memory(model, kind='knnlm')")
 

@@ -51,6 +51,13 @@ class KNNLMConfig:
     min_distance: int = 0  # leave out the last N positions (e.g. segment + XL cache)
     storage_dtype: str = "float16"  # keys: "float16" | "bfloat16" | "float32"
     search_chunk: int = 16384  # stored rows scored at a time (bounds scratch memory)
+    # "exact": score every stored key (torch); "ivf": faiss inverted lists over the stored
+    # keys (one index per stream, one coarse quantizer trained on the first ivf_train keys;
+    # exact until then); the current segment's own pairs are always scored exactly.
+    backend: str = "exact"
+    ivf_nlist: int = 256
+    ivf_nprobe: int = 16
+    ivf_train: int = 16384
 
 
 @dataclass

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,6 +79,80 @@ def masked_topk(
     return best_s, best_i.masked_fill(torch.isinf(best_s), -1)
 
 
+class IVFSearch:
+    """faiss inverted lists over each stream's stored keys (``model.knnlm.backend="ivf"``).
+
+    One ``IndexIVFFlat`` per stream, all sharing one coarse quantizer (k-means, spherical
+    for cosine) trained once on the first ``ivf_train`` keys the head stores; until then
+    the head searches exactly. A query scans the ``ivf_nprobe`` nearest of ``ivf_nlist``
+    lists. faiss ids are the pairs' positions in the document (pair p is the p-th pair the
+    stream stored since its reset), so FIFO eviction removes the ids below the oldest kept
+    position and a reset empties the stream's index.
+    """
+
+    def __init__(self, cfg: KNNLMConfig, d: int):
+        try:
+            import faiss
+        except ImportError:
+            raise MemformersError("model.knnlm.backend='ivf' needs faiss: pip install "
+                                  "faiss-cpu") from None
+        self.faiss, self.cfg, self.d = faiss, cfg, d
+        self.cosine = cfg.similarity == "cosine"
+        self.metric = faiss.METRIC_INNER_PRODUCT if self.cosine else faiss.METRIC_L2
+        self.quantizer = None
+        self.indexes: list = []
+        self.seen: list[np.ndarray] = []  # keys collected for training
+        self.params = faiss.SearchParametersIVF(nprobe=cfg.ivf_nprobe)
+
+    @property
+    def ready(self) -> bool:
+        return self.quantizer is not None
+
+    def allocate(self, batch_size: int) -> None:
+        self.indexes = [self._new_index() if self.ready else None for _ in range(batch_size)]
+
+    def _new_index(self):
+        index = self.faiss.IndexIVFFlat(self.quantizer, self.d, self.cfg.ivf_nlist, self.metric)
+        index.is_trained = True  # the shared quantizer is
+        return index
+
+    def collect(self, keys: np.ndarray) -> bool:
+        """Keep keys for training; True once there are enough and the quantizer is trained."""
+        self.seen.append(keys)
+        if sum(len(k) for k in self.seen) < self.cfg.ivf_train:
+            return False
+        data = np.ascontiguousarray(np.concatenate(self.seen)[: self.cfg.ivf_train])
+        km = self.faiss.Kmeans(self.d, self.cfg.ivf_nlist, niter=10, seed=1234,
+                               spherical=self.cosine, verbose=False, min_points_per_centroid=1)
+        km.train(data)
+        flat = self.faiss.IndexFlatIP if self.cosine else self.faiss.IndexFlatL2
+        self.quantizer = flat(self.d)
+        self.quantizer.add(np.ascontiguousarray(km.centroids))
+        self.seen = []
+        self.allocate(len(self.indexes))
+        return True
+
+    def reset(self, streams: list[int]) -> None:
+        for b in streams:
+            if self.indexes[b] is not None:
+                self.indexes[b].reset()
+
+    def add(self, b: int, keys: np.ndarray, ids: np.ndarray, keep_from: int) -> None:
+        """Add stream b's new keys under their positions; drop positions < keep_from."""
+        index = self.indexes[b]
+        if len(ids):
+            index.add_with_ids(np.ascontiguousarray(keys), np.ascontiguousarray(ids))
+        if keep_from > 0:
+            index.remove_ids(self.faiss.IDSelectorRange(0, keep_from))
+
+    def search(self, b: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarity (L, k): q.k for cosine, -|q - k|^2 for l2, -inf where missing;
+        positions (L, k), -1 where missing)."""
+        dist, ids = self.indexes[b].search(np.ascontiguousarray(q), k, params=self.params)
+        sim = dist if self.cosine else -dist
+        return np.where(ids < 0, -np.inf, sim).astype(np.float32), ids
+
+
 class KNNLM(StreamState, nn.Module):
     """The kNN-LM head; ``forward(logits, h, tokens, mask, commit) -> log p``. No parameters."""
 
@@ -88,6 +163,7 @@ class KNNLM(StreamState, nn.Module):
                                   f"{', '.join(STORAGE_DTYPES)}; got '{cfg.storage_dtype}'")
         self.cfg, self.d_model = cfg, d_model
         self.dtype = STORAGE_DTYPES[cfg.storage_dtype]
+        self.ivf = IVFSearch(cfg, d_model) if cfg.backend == "ivf" else None
         self.allocate(0, "cpu")
 
     # ----------------------------------------------------------------- stream state
@@ -109,6 +185,8 @@ class KNNLM(StreamState, nn.Module):
         self.seen = torch.zeros(B, dtype=torch.long, device=dev)
         self.pending_key = torch.zeros(B, D, device=dev)
         self.pending = torch.zeros(B, dtype=torch.bool, device=dev)
+        if self.ivf is not None:
+            self.ivf.allocate(B)
 
     def reset(self, streams: torch.Tensor) -> None:
         if replaying():  # the recomputation of a segment leaves the state alone
@@ -118,6 +196,8 @@ class KNNLM(StreamState, nn.Module):
         self.count = torch.where(streams, zero, self.count)
         self.seen = torch.where(streams, zero, self.seen)
         self.pending = self.pending & ~streams
+        if self.ivf is not None and self.ivf.ready:
+            self.ivf.reset(streams.nonzero().flatten().tolist())
 
     @property
     def filled(self) -> torch.Tensor:  # (B,) valid ring slots are [0, filled)
@@ -149,6 +229,8 @@ class KNNLM(StreamState, nn.Module):
         self.seen = tensors["seen"].to(dev, torch.long).clone()
         self.pending_key = tensors["pending_key"].to(dev, torch.float32).clone()
         self.pending = tensors["pending"].to(dev, torch.bool).clone()
+        if self.ivf is not None:  # rebuilt from the ring (trained now if enough keys)
+            self._ivf_add(torch.zeros_like(self.count))
 
     def state_bytes_per_stream(self) -> int:
         per_pair = self.d_model * self.dtype.itemsize + 8 + 8 + 4  # key, value, pos, |k|^2
@@ -188,11 +270,14 @@ class KNNLM(StreamState, nn.Module):
         qs = q * scale
         limit = self.seen[:, None] + torch.arange(L, device=q.device) - 1 - cfg.min_distance
         k = min(cfg.top_k, cfg.capacity + L)
-        C = self.keys.shape[1]
-        ring_ok = torch.arange(C, device=q.device)[None, :] < self.filled[:, None]  # (B, C)
-        s1, i1 = masked_topk(qs, self.keys, None if cfg.similarity == "cosine" else
-                             -self.sqnorm, ring_ok, self.pos, limit, k, cfg.search_chunk)
-        v1 = self.values.gather(1, i1.clamp(min=0).flatten(1)).view(B, L, k)
+        if self.ivf is not None and self.ivf.ready:
+            s1, v1 = self._ivf_neighbours(q, qs, limit, k)
+        else:
+            C = self.keys.shape[1]
+            ring_ok = torch.arange(C, device=q.device)[None, :] < self.filled[:, None]
+            s1, i1 = masked_topk(qs, self.keys, None if cfg.similarity == "cosine" else
+                                 -self.sqnorm, ring_ok, self.pos, limit, k, cfg.search_chunk)
+            v1 = self.values.gather(1, i1.clamp(min=0).flatten(1)).view(B, L, k)
         ck, cv, cok, cpos = self._candidates(q, tokens, mask)
         s2, i2 = masked_topk(qs, ck, self._bias(ck), cok, cpos, limit, k, cfg.search_chunk)
         v2 = cv.gather(1, i2.clamp(min=0).flatten(1)).view(B, L, k)
@@ -201,6 +286,35 @@ class KNNLM(StreamState, nn.Module):
         if cfg.similarity == "l2":  # the constant -|q|^2 makes it the true -distance^2
             s = s - q.pow(2).sum(-1, keepdim=True)
         return s, v
+
+    def _ivf_neighbours(self, q, qs, limit, k):
+        """The ring's top-k through faiss: its pairs every query may use (positions <= the
+        segment's smallest limit) from the index, the few more recent ones exactly."""
+        B, L, _ = q.shape
+        C = self.cfg.capacity
+        sims, vals = [], []
+        for b in range(B):
+            lim0 = int(limit[b].min())
+            n = int(self.count[b])
+            s, ids = self.ivf.search(b, q[b].cpu().numpy(), k)
+            s, ids = torch.from_numpy(s).to(q.device), torch.from_numpy(ids).to(q.device)
+            if not self.ivf.cosine:  # the exact path's scale: 2qk - |k|^2 = -dist^2 + |q|^2
+                s = s + q[b].pow(2).sum(-1, keepdim=True)
+            if n - 1 > lim0:  # pairs too recent for some queries (min_distance): exact
+                s = s.masked_fill(ids > lim0, float("-inf"))
+                recent = torch.arange(max(lim0 + 1, n - C), n, device=q.device)  # positions
+                rk = self.keys[b, recent % C][None]
+                bias = None if self.ivf.cosine else -self.sqnorm[b, recent % C][None]
+                rs, ri = masked_topk(qs[b:b + 1], rk, bias, torch.ones_like(recent)[None].bool(),
+                                     recent[None], limit[b:b + 1], k, self.cfg.search_chunk)
+                s = torch.cat([s, rs[0]], -1)
+                ids = torch.cat([ids, torch.where(ri[0] < 0, ri[0], recent[ri[0].clamp(min=0)])],
+                                -1)
+            s, j = s.topk(k, dim=-1)
+            ids = ids.gather(1, j)
+            sims.append(s)
+            vals.append(self.values[b, ids.clamp(min=0) % C])
+        return torch.stack(sims), torch.stack(vals)
 
     def mix(self, logits: torch.Tensor, sim: torch.Tensor, values: torch.Tensor,
             lam: float | None = None, temperature: float | None = None) -> torch.Tensor:
@@ -233,13 +347,33 @@ class KNNLM(StreamState, nn.Module):
         self.values[b, slot] = values[b, t]
         self.pos[b, slot] = pos[b, t]
         self.sqnorm[b, slot] = keys[b, t].pow(2).sum(-1)
+        old = self.count
         self.count = self.count + n_new
+        if self.ivf is not None:
+            self._ivf_add(old)
         n_real = mask.sum(1)  # (B,) real tokens: a prefix of the segment
         last = (n_real - 1).clamp(min=0)
         has = n_real > 0
         self.pending_key = torch.where(has[:, None], q[torch.arange(B), last], self.pending_key)
         self.pending = self.pending | has
         self.seen = self.seen + n_real
+
+    def _ivf_add(self, old: torch.Tensor) -> None:
+        """Give the faiss indexes the pairs stored since ``old`` (per stream); before the
+        quantizer is trained, collect them for training (then add every stored pair)."""
+        C = self.cfg.capacity
+        start = torch.maximum(old, self.count - C)  # (B,) first position still stored
+        if not self.ivf.ready:
+            new = [self.keys[b, torch.arange(int(start[b]), int(self.count[b])) % C]
+                   for b in range(len(self.count))]
+            got = torch.cat(new).float().cpu().numpy() if new else np.zeros((0, self.d_model))
+            if not self.ivf.collect(got.astype(np.float32)):
+                return
+            start = (self.count - C).clamp(min=0)  # trained now: index every stored pair
+        for b in range(len(self.count)):
+            pos = torch.arange(int(start[b]), int(self.count[b]))
+            keys = self.keys[b, pos.to(self.keys.device) % C].float().cpu().numpy()
+            self.ivf.add(b, keys, pos.numpy(), int(self.count[b]) - C)
 
     def forward(self, logits: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor, commit: bool) -> torch.Tensor:

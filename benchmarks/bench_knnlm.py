@@ -1,0 +1,96 @@
+"""Inference cost of the kNN-LM head on the shipped demo-base, with a full datastore.
+
+Two streams each walk their own long text (held-out documents of the grouped stdlib
+corpus, concatenated) until every stream's datastore holds ``--capacity`` real
+(hidden state, next token) pairs; then the same next ``--segments`` segments are run
+by demo-base alone and by demo-base + kNN-LM, interleaved within each repeat so that
+machine noise hits both alike. Prints a table and writes JSON.
+
+    python benchmarks/bench_knnlm.py                       # 65,536 entries, 2 threads
+    python benchmarks/bench_knnlm.py --capacity 16384 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memformers.data.corpus import CorpusSplit
+from memformers.pretrained import load_shipped_model
+
+
+def long_streams(corpus: Path, n_tokens: int, B: int) -> torch.Tensor:
+    """(B, n_tokens) token ids: held-out documents concatenated, one stream per row."""
+    docs = [CorpusSplit.open(corpus, s) for s in ("test", "valid", "train")]
+    flat = np.concatenate([d.tokens[: d.offsets[-1]] for d in docs])
+    if len(flat) < B * n_tokens:
+        raise SystemExit(f"{corpus} holds {len(flat)} tokens; need {B * n_tokens}")
+    return torch.from_numpy(flat[: B * n_tokens].astype(np.int64)).view(B, n_tokens)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--capacity", type=int, default=65536)
+    ap.add_argument("--corpus", default="data/stdlib-byte-grouped")
+    ap.add_argument("--streams", type=int, default=2)
+    ap.add_argument("--segments", type=int, default=4, help="timed segments per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], help="more model.knnlm.* settings")
+    ap.add_argument("--out", default="benchmarks/results/knnlm_speed.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg, base = load_shipped_model("demo-base")
+    _, knnlm = load_shipped_model("demo-base", [f"model.knnlm.capacity={args.capacity}",
+                                                *args.set])
+    L, B = cfg.data.segment_len, args.streams
+    fill = -(-args.capacity // L) + 1  # segments that fill the datastore
+    n_seg = fill + args.segments * args.repeats
+    tokens = long_streams(Path(args.corpus), n_seg * L, B)
+    seg = lambda i: tokens[:, i * L:(i + 1) * L]  # noqa: E731
+    first = torch.ones(B, dtype=torch.bool)
+    with torch.no_grad():
+        lam = knnlm.knnlm.cfg.lam
+        knnlm.knnlm.cfg.lam = 0.0  # filling: store only (no search)
+        for i in range(fill):
+            base(seg(i), new_doc=first if i == 0 else None)
+            knnlm(seg(i), new_doc=first if i == 0 else None)
+        knnlm.knnlm.cfg.lam = lam
+        held = int(knnlm.knnlm.filled.min())
+        times: dict[str, list[float]] = {"demo-base": [], "demo-base + kNN-LM": []}
+        for r in range(args.repeats):
+            ids = range(fill + r * args.segments, fill + (r + 1) * args.segments)
+            for name, model in (("demo-base", base), ("demo-base + kNN-LM", knnlm)):
+                t0 = time.perf_counter()
+                for i in ids:
+                    model(seg(i))
+                times[name].append(time.perf_counter() - t0)
+    n_tok = B * L * args.segments
+    rows = {name: {"seconds": statistics.median(t), "tokens_per_s": n_tok / statistics.median(t),
+                   "repeats": t} for name, t in times.items()}
+    ratio = statistics.median(b / k for b, k in zip(times["demo-base"],
+                                                    times["demo-base + kNN-LM"]))
+    print(f"demo-base, {B} streams x {L}-token segments, datastore {held:,} entries per "
+          f"stream, {args.threads} threads, median of {args.repeats} x {args.segments} segments")
+    print(f"| model | tokens/s | x demo-base |\n|---|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s'] / rows['demo-base']['tokens_per_s']:.2f} |")
+    print(f"ratio within repeats (median): {ratio:.2f}x")
+    out = {"capacity": args.capacity, "held": held, "streams": B, "segment_len": L,
+           "threads": args.threads, "settings": args.set, "knnlm": vars(knnlm.knnlm.cfg),
+           "rows": rows, "speed_ratio": ratio}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
