@@ -205,7 +205,8 @@ def test_ivf_recall_on_clustered_keys_and_reset():
     h = (centres[torch.randint(0, 20, (2, T))] + 0.3 * torch.randn(2, T, D2))
     tokens = torch.randint(0, V, (2, T))
     mask = torch.ones(2, 100, dtype=torch.bool)
-    exact = KNNLM(KNNLMConfig(capacity=1000, top_k=8, storage_dtype="float32"), D2)
+    exact = KNNLM(KNNLMConfig(capacity=1000, top_k=8, storage_dtype="float32",
+                              backend="exact"), D2)
     ivf = KNNLM(KNNLMConfig(capacity=1000, top_k=8, storage_dtype="float32", backend="ivf",
                             ivf_nlist=16, ivf_nprobe=4, ivf_train=256), D2)
     for m in (exact, ivf):
@@ -221,3 +222,45 @@ def test_ivf_recall_on_clustered_keys_and_reset():
     assert recall > 0.8
     ivf.reset(torch.tensor([True, False]))
     assert ivf.ivf.indexes[0].ntotal == 0 and ivf.ivf.indexes[1].ntotal == 499
+
+
+def test_generate_with_the_knnlm_equals_full_forwards():
+    """Greedy decoding (state kept across steps, pending pairs resolved by the next
+    segment) equals re-feeding the whole text from scratch at every step: a position's
+    pair is usable once its next token is known, committed or not."""
+    from memformers.evaluate.generate import feed_and_generate
+
+    torch.manual_seed(1)
+    cfg = model_cfg(capacity=64, lam=0.6, temperature=0.05, storage_dtype="float32")
+    cfg.xl_cache = False
+    m = MemformerLM(cfg).eval()
+    prompt = torch.randint(0, V, (1, 13))
+    got = feed_and_generate(m, prompt, 9, segment_len=5)
+    # reference: step t re-feeds the whole text from a fresh state, committing only full
+    # segments, and takes the argmax at the end
+    full = torch.cat([prompt, got], 1)
+    ref = []
+    with torch.no_grad():
+        for t in range(13, 22):
+            m.allocate_state(1)
+            out = None
+            for s in range(0, t, 5):
+                out = m(full[:, s:min(s + 5, t)], new_doc=torch.tensor([s == 0]),
+                        commit=s + 5 <= t)
+            ref.append(int(out[0, -1].argmax()))
+    assert got[0].tolist() == ref
+
+
+def test_tune_scores_the_grid_exactly():
+    from memformers.evaluate.knnlm_tune import mixture_loss, tune
+
+    log_lm = torch.log(torch.tensor([0.5, 0.25, 0.1]))
+    sim = torch.tensor([[0.9, 0.1], [0.5, -math.inf], [-math.inf, -math.inf]])
+    hit = torch.tensor([[True, False], [False, False], [False, False]])
+    rec = {"log_lm": log_lm, "sim": sim, "hit": hit}
+    w = torch.softmax(torch.tensor([0.9, 0.1]) / 0.5, 0)[0]
+    expect = -(math.log(0.8 * 0.5 + 0.2 * w) + math.log(0.8 * 0.25) + math.log(0.1)) / 3
+    assert abs(mixture_loss(rec, 0.2, 0.5) - expect) < 1e-6
+    r = tune(rec, lambdas=(0.0, 0.2), temperatures=(0.5,))
+    assert r["best"]["lam"] == 0.0  # the kNN hurts token 2 more than it helps token 1
+    assert abs(r["base_loss"] - float(-log_lm.double().mean())) < 1e-9

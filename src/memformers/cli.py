@@ -6,6 +6,8 @@
     memformers eval RUN_DIR [--split valid|test] [--max-docs N] [--memory-sweep N,N
                     [--memory-sweep-xl on,off]] [--passkey-lengths N,N] [--out DIR]
     memformers generate RUN_DIR --prompt TEXT [--tokens N]
+    memformers knnlm-tune RUN_DIR [--split valid]   (the kNN-LM's lambda and temperature)
+    (RUN_DIR may be a shipped model name: demo-base, passkey-knn)
     memformers compare CONFIG            (train + evaluate variants on equal terms)
     memformers sorting --config FILE --lengths 1024,2048 [--steps N] [--samples M]
                                          (the infinity-former's sorting task, one model)
@@ -228,6 +230,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_knnlm_tune(args) -> int:
+    from memformers.data.corpus import CorpusSplit
+    from memformers.evaluate.knnlm_tune import format_tune, record_neighbours, tune
+
+    run_dir = Path(args.run_dir)
+    overrides = list(args.set)
+    if not any(s.startswith("model.knnlm.capacity=") for s in overrides):
+        overrides.append("model.knnlm.capacity=65536")
+    cfg, model, _ = load_trained_model(run_dir, overrides, args.device)
+    d = cfg.data
+    split = CorpusSplit.open(Path(d.corpus), args.split)
+    rec = record_neighbours(model, split, batch_size=d.batch_size, segment_len=d.segment_len,
+                            max_docs=args.max_docs, max_tokens=args.max_tokens,
+                            max_doc_tokens=d.eval_max_doc_tokens, progress=not args.no_progress)
+    result = {"split": args.split, "settings": overrides, **tune(rec)}
+    print(format_tune(result))
+    out = Path(args.out) if args.out else (
+        Path(f"knnlm-{run_dir}.json") if is_shipped(run_dir) else run_dir / "knnlm.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written {out}")
+    return 0
+
+
 def parse_lengths(text: str) -> list[int]:
     """``"1024,2048"`` -> [1024, 2048]; anything else is a one-line error."""
     try:
@@ -346,6 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluate with changed settings, e.g. --set model.knn.capacity=8192")
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("knnlm-tune", help="choose the kNN-LM's lambda and temperature",
+                       description="Stream held-out documents once, then score a grid of "
+                                   "kNN-LM lambdas and temperatures; prints the best and "
+                                   "writes RUN_DIR/knnlm.json (knnlm-NAME.json for a shipped "
+                                   "model).")
+    t.add_argument("run_dir", help="a run directory or a shipped model (demo-base)")
+    t.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    t.add_argument("--max-docs", type=int, default=0, help="documents (0 = all)")
+    t.add_argument("--max-tokens", type=int, default=0, help="stop after N tokens (0 = all)")
+    t.add_argument("--out", help="the JSON record (default: see above)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set model.knnlm.capacity=65536 (the default) "
+                        "--set data.eval_max_doc_tokens=32768")
+    t.set_defaults(func=cmd_knnlm_tune)
 
     g = sub.add_parser("generate", help="generate text from a run")
     g.add_argument("run_dir")

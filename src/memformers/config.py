@@ -80,7 +80,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = no clipping
     grad_accum: int = 1
     bptt_segments: int = 1  # detach carried state every N segments
     checkpoint_activations: bool = False  # recompute each segment in backward (bounded memory)
@@ -255,6 +255,14 @@ def validate(cfg: RunConfig) -> None:
     _check(m.position != "rope" or m.head_dim % 2 == 0, "model.head_dim must be even for RoPE")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = no clipping), got "
+                             f"{t.grad_clip}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+           f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
+    _check(m.position != "t5" or (m.rel_buckets > 0 and m.rel_max_distance > 0),
+           f"model.rel_buckets and model.rel_max_distance must be positive, got "
+           f"{m.rel_buckets} and {m.rel_max_distance}")
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
     _check(t.warmup_steps >= 0 and t.ckpt_every >= 0 and t.eval_every >= 0,
            "train.warmup_steps, ckpt_every and eval_every must be >= 0")
@@ -300,7 +308,8 @@ def validate(cfg: RunConfig) -> None:
     _choice(k.backend, ("exact", "faiss"), "model.knn.backend")
     _choice(k.storage_dtype, ("float16", "bfloat16", "float32"), "model.knn.storage_dtype")
     _choice(k.faiss_index, ("flat", "ivf", "hnsw"), "model.knn.faiss_index")
-    _check(k.search_chunk > 0 and k.faiss_block > 0, "model.knn search sizes must be positive")
+    _check(k.search_chunk > 0 and k.faiss_block > 0 and k.search_tile > 0
+           and k.search_group > 0, "model.knn search sizes must be positive")
     blk = min(k.faiss_block, max(k.capacity, 1))
     _check(k.backend != "faiss" or k.capacity % blk == 0,
            f"model.knn.capacity ({k.capacity}) must be a multiple of model.knn.faiss_block "
@@ -316,7 +325,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(n.similarity, ("cosine", "l2"), "model.knnlm.similarity")
     _choice(n.key, ("final_norm", "ffn_input"), "model.knnlm.key")
     _choice(n.storage_dtype, ("float16", "bfloat16", "float32"), "model.knnlm.storage_dtype")
-    _choice(n.backend, ("exact", "ivf"), "model.knnlm.backend")
+    _choice(n.backend, ("auto", "exact", "ivf"), "model.knnlm.backend")
     _check(0 < n.ivf_nprobe <= n.ivf_nlist and n.ivf_train >= n.ivf_nlist,
            "model.knnlm: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
     _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model: use "

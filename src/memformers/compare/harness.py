@@ -37,6 +37,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -481,7 +482,7 @@ def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
                     (sum(pending) / n_scored).backward()
                 model.detach_state()
                 pending = []
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)

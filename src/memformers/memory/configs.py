@@ -44,8 +44,9 @@ class KNNLMConfig:
 
     capacity: int = 0  # (hidden state, next token) pairs per stream, FIFO; 0 = off
     top_k: int = 64
-    temperature: float = 0.025  # p_kNN over neighbours = softmax(similarity / temperature)
-    lam: float = 0.2  # lambda: the kNN distribution's weight in the mixture
+    # lam and temperature: chosen by `memformers knnlm-tune demo-base --split valid`
+    temperature: float = 0.035  # p_kNN over neighbours = softmax(similarity / temperature)
+    lam: float = 0.4  # lambda: the kNN distribution's weight in the mixture
     similarity: str = "cosine"  # "cosine" (normalised keys) | "l2" (-squared distance)
     key: str = "final_norm"  # "final_norm" | "ffn_input" (the last FFN's normalised input)
     min_distance: int = 0  # leave out the last N positions (e.g. segment + XL cache)
@@ -53,11 +54,13 @@ class KNNLMConfig:
     search_chunk: int = 16384  # stored rows scored at a time (bounds scratch memory)
     # "exact": score every stored key (torch); "ivf": faiss inverted lists over the stored
     # keys (one index per stream, one coarse quantizer trained on the first ivf_train keys;
-    # exact until then); the current segment's own pairs are always scored exactly.
-    backend: str = "exact"
-    ivf_nlist: int = 256
-    ivf_nprobe: int = 16
-    ivf_train: int = 16384
+    # exact until then); "auto": ivf on CPU, exact on GPU. The current segment's own pairs
+    # are always scored exactly. At 65K entries on CPU ivf is 5x faster than exact, with
+    # recall@64 0.92 and +0.25% held-out loss (docs/knnlm.md).
+    backend: str = "auto"
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 8
+    ivf_train: int = 32768
 
 
 @dataclass

@@ -86,9 +86,13 @@ class IVFSearch:
     for cosine) trained once on the first ``ivf_train`` keys the head stores; until then
     the head searches exactly. A query scans the ``ivf_nprobe`` nearest of ``ivf_nlist``
     lists. faiss ids are the pairs' positions in the document (pair p is the p-th pair the
-    stream stored since its reset), so FIFO eviction removes the ids below the oldest kept
-    position and a reset empties the stream's index.
+    stream stored since its reset), so FIFO eviction is an id range: searches skip ids below
+    the oldest kept position (an ``IDSelectorRange``), and the evicted ids are removed from
+    the lists in batches of ``EVICT_EVERY`` (a removal scans every list). A reset empties
+    the stream's index.
     """
+
+    EVICT_EVERY = 4096
 
     def __init__(self, cfg: KNNLMConfig, d: int):
         try:
@@ -102,7 +106,7 @@ class IVFSearch:
         self.quantizer = None
         self.indexes: list = []
         self.seen: list[np.ndarray] = []  # keys collected for training
-        self.params = faiss.SearchParametersIVF(nprobe=cfg.ivf_nprobe)
+        self.removed: list[int] = []  # per stream: ids below this are gone from the lists
 
     @property
     def ready(self) -> bool:
@@ -110,6 +114,7 @@ class IVFSearch:
 
     def allocate(self, batch_size: int) -> None:
         self.indexes = [self._new_index() if self.ready else None for _ in range(batch_size)]
+        self.removed = [0] * batch_size
 
     def _new_index(self):
         index = self.faiss.IndexIVFFlat(self.quantizer, self.d, self.cfg.ivf_nlist, self.metric)
@@ -136,19 +141,26 @@ class IVFSearch:
         for b in streams:
             if self.indexes[b] is not None:
                 self.indexes[b].reset()
+            self.removed[b] = 0
 
     def add(self, b: int, keys: np.ndarray, ids: np.ndarray, keep_from: int) -> None:
         """Add stream b's new keys under their positions; drop positions < keep_from."""
         index = self.indexes[b]
         if len(ids):
             index.add_with_ids(np.ascontiguousarray(keys), np.ascontiguousarray(ids))
-        if keep_from > 0:
+        if keep_from - self.removed[b] >= self.EVICT_EVERY:
             index.remove_ids(self.faiss.IDSelectorRange(0, keep_from))
+            self.removed[b] = keep_from
 
-    def search(self, b: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarity (L, k): q.k for cosine, -|q - k|^2 for l2, -inf where missing;
-        positions (L, k), -1 where missing)."""
-        dist, ids = self.indexes[b].search(np.ascontiguousarray(q), k, params=self.params)
+    def search(self, b: int, q: np.ndarray, k: int, keep_from: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Stream b's top-k among ids >= ``keep_from``: (similarity (L, k): q.k for cosine,
+        -|q - k|^2 for l2, -inf where missing; positions (L, k), -1 where missing)."""
+        params = self.faiss.SearchParametersIVF(nprobe=self.cfg.ivf_nprobe)
+        if keep_from > self.removed[b]:  # evicted ids still in the lists: skip them
+            sel = self.faiss.IDSelectorRange(keep_from, 1 << 62)
+            params.sel = sel  # (``sel`` must outlive the search)
+        dist, ids = self.indexes[b].search(np.ascontiguousarray(q), k, params=params)
         sim = dist if self.cosine else -dist
         return np.where(ids < 0, -np.inf, sim).astype(np.float32), ids
 
@@ -163,7 +175,7 @@ class KNNLM(StreamState, nn.Module):
                                   f"{', '.join(STORAGE_DTYPES)}; got '{cfg.storage_dtype}'")
         self.cfg, self.d_model = cfg, d_model
         self.dtype = STORAGE_DTYPES[cfg.storage_dtype]
-        self.ivf = IVFSearch(cfg, d_model) if cfg.backend == "ivf" else None
+        self.ivf: IVFSearch | None = None
         self.allocate(0, "cpu")
 
     # ----------------------------------------------------------------- stream state
@@ -185,6 +197,11 @@ class KNNLM(StreamState, nn.Module):
         self.seen = torch.zeros(B, dtype=torch.long, device=dev)
         self.pending_key = torch.zeros(B, D, device=dev)
         self.pending = torch.zeros(B, dtype=torch.bool, device=dev)
+        ivf = self.cfg.backend == "ivf" or (self.cfg.backend == "auto" and dev.type == "cpu")
+        if ivf and self.ivf is None:  # kept across allocations: its quantizer is trained once
+            self.ivf = IVFSearch(self.cfg, self.d_model)
+        elif not ivf:
+            self.ivf = None
         if self.ivf is not None:
             self.ivf.allocate(B)
 
@@ -296,7 +313,7 @@ class KNNLM(StreamState, nn.Module):
         for b in range(B):
             lim0 = int(limit[b].min())
             n = int(self.count[b])
-            s, ids = self.ivf.search(b, q[b].cpu().numpy(), k)
+            s, ids = self.ivf.search(b, q[b].cpu().numpy(), k, max(0, n - C))
             s, ids = torch.from_numpy(s).to(q.device), torch.from_numpy(ids).to(q.device)
             if not self.ivf.cosine:  # the exact path's scale: 2qk - |k|^2 = -dist^2 + |q|^2
                 s = s + q[b].pow(2).sum(-1, keepdim=True)

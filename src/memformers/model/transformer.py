@@ -102,17 +102,22 @@ class MemformerLM(nn.Module):
         mask: torch.Tensor | None = None,  # (B, L) bool: real tokens
         commit: bool = True,  # write this segment into per-stream state
     ) -> torch.Tensor:  # (B, L, V) logits; log-probabilities with the kNN-LM on
+        h, knnlm_keys, mask = self.features(tokens, new_doc=new_doc, mask=mask, commit=commit)
+        logits = self.head(h)  # (B, L, V)
+        if self.knnlm is not None:
+            logits = self.knnlm(logits, knnlm_keys, tokens, mask, commit)
+        return logits
+
+    def features(self, tokens, *, new_doc=None, mask=None, commit=True):
+        """The blocks without the output head: (final hidden states h (B, L, D), the kNN-LM's
+        keys (B, L, D): h or the last FFN's normalised input, the (B, L) bool mask)."""
         mask = begin_segment(self, tokens, new_doc, mask)
         x = self.embed(tokens)  # (B, L, D)
         shared: dict = {}  # per-forward scratch shared by the layers (the attention mask)
         for block in self.blocks:
             x, ffn_input = block(x, mask, self.rel_bias, commit, shared)
         h = self.norm(x)  # (B, L, D)
-        logits = self.head(h)  # (B, L, V)
-        if self.knnlm is not None:
-            keys = h if self.cfg.knnlm.key == "final_norm" else ffn_input
-            logits = self.knnlm(logits, keys, tokens, mask, commit)
-        return logits
+        return h, ffn_input if self.cfg.knnlm.key == "ffn_input" else h, mask
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

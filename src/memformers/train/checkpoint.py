@@ -45,6 +45,77 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def lock_run_dir(run_dir: Path):
+    """Take the run directory's exclusive lock (``run_dir/.lock``, ``fcntl.flock``) for the
+    life of the returned file; a second process gets a one-line error naming the holder.
+    Also checks, before any work, that the directory can be written."""
+    import fcntl
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        raise MemformersError(f"cannot write to run directory {run_dir}: "
+                              f"{e.strerror or e}") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise MemformersError(f"run directory {run_dir} is in use by another memformers "
+                              f"process (pid {holder})") from None
+    try:
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        f.close()
+        raise MemformersError(f"cannot write to run directory {run_dir}: "
+                              f"{e.strerror or e}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def record_config_changes(run_dir: Path, saved: dict, now: dict, step: int) -> list[dict]:
+    """Settings changed on ``--resume``: appended to ``run_dir/changes.jsonl`` as
+    {"step", "key", "old", "new"} lines, and ``config.json`` rewritten with the new values
+    (so it always says what the run is doing now). Returns the changes."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            out.update(flat(v, key) if isinstance(v, dict) else {key: v})
+        return out
+
+    old, new = flat(saved), flat(now)
+    changes = [{"step": step, "key": k, "old": old.get(k), "new": new.get(k)}
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changes:
+        with open(run_dir / "changes.jsonl", "a") as f:
+            f.writelines(json.dumps(c) + "\n" for c in changes)
+        atomic_write_text(run_dir / "config.json", json.dumps(now, indent=2))
+    return changes
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` after ``step`` (a crash after the checkpoint left
+    them; the resumed run writes those steps again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a torn last line
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -50,10 +51,13 @@ from memformers.train.checkpoint import (
     latest_checkpoint,
     load_model_weights,
     load_rank_state,
+    lock_run_dir,
     model_tensors,
     read_checkpoint,
+    record_config_changes,
     save_checkpoint,
     save_tensors,
+    truncate_metrics,
 )
 from memformers.train.distributed import resolve_device
 from memformers.train.optim import build_optimizers, set_lr
@@ -193,6 +197,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool = True):
         self.run_dir = Path(run_dir)
+        # one process per run directory (rank 0 of a distributed run holds the lock)
+        self._lock = lock_run_dir(self.run_dir) if os.environ.get("RANK", "0") == "0" \
+            else None
         self.corpus_dir = Path(cfg.data.corpus)
         manifest = open_corpus_manifest(self.corpus_dir)
         self.tokenizer = load_tokenizer(self.corpus_dir)
@@ -248,6 +255,10 @@ class Trainer:
         self.train_split = CorpusSplit.concat(
             [CorpusSplit.open(d, "train") for d in [self.corpus_dir, *cfg.data.mix]])
         self.eval_split = CorpusSplit.open(self.corpus_dir, cfg.data.eval_split)
+        if self.eval_split.n_docs == 0:  # fail now, not at the final evaluation
+            raise MemformersError(f"the {cfg.data.eval_split} split of {self.corpus_dir} has no "
+                                  f"documents: rebuild the corpus with a --split that gives "
+                                  f"it some, or set data.eval_split")
         self.stream = DocumentStreams(self.train_split, B, cfg.data.segment_len,
                                       shuffle=True, seed=t.seed, loop=True,
                                       min_doc_tokens=cfg.data.min_doc_tokens,
@@ -262,6 +273,12 @@ class Trainer:
             streams = load_rank_state(ckpt, env.rank)
             if streams:
                 load_collected_state_tensors(self.model, streams)
+            if env.is_main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+                for c in record_config_changes(self.run_dir, json.loads(saved_cfg.read_text()),
+                                               to_dict(cfg), self.step):
+                    tqdm.write(f"resume: {c['key']} changed from {c['old']!r} to {c['new']!r} "
+                               f"at step {c['step']} (recorded in changes.jsonl)")
         elif env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(saved_cfg, json.dumps(to_dict(cfg), indent=2))
@@ -291,8 +308,11 @@ class Trainer:
                        f"tensors ({', '.join(sorted({m.split('.')[-1] for m in missing}))})")
 
     def close(self) -> None:
-        """Leave the process group (a no-op in a single process)."""
+        """Leave the process group (a no-op in a single process); release the run lock."""
         D.close_distributed(self.dist)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # ------------------------------------------------------------------ loop
 
@@ -366,7 +386,7 @@ class Trainer:
                                           "train.lr or check the data")
                 dense = [p for p in self.model.parameters()
                          if p.grad is not None and not p.grad.is_sparse]
-                gnorm = D.clip_grad_norm(dense, t.grad_clip)
+                gnorm = D.clip_grad_norm(dense, t.grad_clip or math.inf)  # 0: no clipping
                 for opt in self.optimizers:
                     opt.step()
                     opt.zero_grad(set_to_none=True)

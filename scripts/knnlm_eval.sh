@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The kNN-LM on the shipped demo-base with no training (README "kNN-LM on demo-base"):
+# the grouped stdlib test split, then long documents of kinds the base never saw
+# (Perl modules and their POD documentation, C headers), every token up to 32K per
+# document, base vs base + kNN-LM at the defaults (tuned on the stdlib valid split).
+# Usage: bash scripts/knnlm_eval.sh OUT_DIR [extra --set ...]
+set -euo pipefail
+out=${1:?usage: knnlm_eval.sh OUT_DIR}; shift
+mkdir -p "$out"
+pick() {  # $1 name, $2 source dir, $3 glob: 20 files of >= 16 KB, every k-th by path
+    local dir="$out/src-$1"
+    rm -rf "$dir" && mkdir -p "$dir"
+    find "$2" -name "$3" -size +16k -type f | sort > "$out/$1.all"
+    local n; n=$(wc -l < "$out/$1.all")
+    awk -v n="$n" 'NR % int(n / 20) == 0 && c < 20 { c++; print }' "$out/$1.all" > "$out/$1.files"
+    local i=0
+    while read -r f; do i=$((i + 1)); cp "$f" "$dir/$(printf %02d $i).txt"; done < "$out/$1.files"
+    memformers data build --source "$dir" --split 0,0,1 --out "$out/corpus-$1" --overwrite --quiet
+}
+[ -d data/stdlib-byte-grouped ] || memformers data build --group-by-package \
+    --split 0.8,0.1,0.1 --out data/stdlib-byte-grouped --quiet
+pick perl /usr/share/perl '*.pm'
+pick cheaders /usr/include '*.h'
+common=(--split test --max-docs 0 --no-progress --set data.eval_max_doc_tokens=32768
+        --set data.batch_size=2)
+for corpus in data/stdlib-byte-grouped "$out/corpus-perl" "$out/corpus-cheaders"; do
+    name=$(basename "$corpus")
+    for variant in base knnlm; do
+        extra=()
+        [ "$variant" = knnlm ] && extra=(--set model.knnlm.capacity=65536 "$@")
+        /usr/bin/time -f "%e s" memformers eval demo-base "${common[@]}" \
+            --set "data.corpus=$corpus" "${extra[@]}" > "$out/$name-$variant.txt" 2>&1
+        mv eval-demo-base-test.json "$out/$name-$variant.json"
+        echo "$name $variant: $(head -1 "$out/$name-$variant.txt")"
+    done
+done

@@ -1,0 +1,104 @@
+"""Choose the kNN-LM's lambda and temperature on held-out data (``memformers knnlm-tune``).
+
+One pass streams the documents of a split through the model exactly as evaluation does
+and records, for every scored token, log p_LM(target) and the similarities of its top-k
+retrieved pairs with whether each pair's next token is the target. Every (lambda,
+temperature) of the grid is then scored from those records without running the model
+again:
+
+    loss(lambda, T) = mean_t -log((1 - lambda) p_LM(x_t)
+                                  + lambda sum_i softmax(s_i / T) [v_i = x_t])
+
+Tune on the valid split, report on test.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from memformers.data.streaming import DocumentStreams
+from memformers.errors import MemformersError
+
+LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+TEMPERATURES = (0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1, 0.2)
+
+
+@torch.no_grad()
+def record_neighbours(model, split, *, batch_size: int, segment_len: int, max_docs: int = 0,
+                      max_tokens: int = 0, max_doc_tokens: int = 0, progress: bool = True
+                      ) -> dict[str, torch.Tensor]:
+    """{"log_lm": (N,), "sim": (N, k), "hit": (N, k) bool} over the split's scored tokens."""
+    head = model.knnlm
+    if head is None:
+        raise MemformersError("knnlm-tune needs a kNN-LM: --set model.knnlm.capacity=N")
+    device = next(model.parameters()).device
+    model.eval()
+    n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
+    streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
+                              doc_indices=list(range(n_docs)), max_doc_tokens=max_doc_tokens)
+    model.allocate_state(batch_size, device)
+    out: dict[str, list] = {"log_lm": [], "sim": [], "hit": []}
+    total = streams.tokens_per_epoch if not max_tokens else min(max_tokens,
+                                                                  streams.tokens_per_epoch)
+    bar = tqdm(total=total, desc="knnlm-tune", unit="tok", disable=not progress, leave=False)
+    seen = 0
+    for batch in streams:
+        tokens, targets = batch.tokens.to(device), batch.targets.to(device)
+        h, keys, mask = model.features(tokens, new_doc=batch.new_doc.to(device),
+                                       mask=batch.mask.to(device))
+        log_lm = torch.log_softmax(model.head(h).float(), -1)
+        sim, values = head.neighbours(keys, tokens, mask)
+        head.write(keys, tokens, mask)
+        valid = targets != -100
+        tgt = targets.clamp(min=0)
+        out["log_lm"].append(log_lm.gather(2, tgt[..., None])[..., 0][valid].cpu())
+        out["sim"].append(sim[valid].cpu())
+        out["hit"].append((values == tgt[..., None])[valid].cpu())
+        n = int(valid.sum())
+        seen += n
+        bar.update(n)
+        if max_tokens and seen >= max_tokens:
+            break
+    bar.close()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def mixture_loss(rec: dict[str, torch.Tensor], lam: float, temperature: float) -> float:
+    """Mean -log of the mixture's probability of the targets (nats per token)."""
+    sim = rec["sim"].double()
+    found = torch.isfinite(sim).any(-1)
+    w = torch.softmax(sim.masked_fill(~found[:, None], 0.0) / temperature, -1)
+    p_knn = (w * rec["hit"]).nan_to_num(0.0).sum(-1)
+    p_lm = rec["log_lm"].double().exp()
+    p = torch.where(found, (1 - lam) * p_lm + lam * p_knn, p_lm)
+    return float(-p.log().mean())
+
+
+def tune(rec: dict[str, torch.Tensor], lambdas=LAMBDAS, temperatures=TEMPERATURES) -> dict:
+    """The grid's losses and its best (lambda, temperature)."""
+    base = float(-rec["log_lm"].double().mean())
+    grid = [{"lam": lam, "temperature": t, "loss": mixture_loss(rec, lam, t)}
+            for lam in lambdas for t in temperatures]
+    best = min(grid, key=lambda r: r["loss"])
+    return {"tokens": int(rec["log_lm"].numel()), "base_loss": base, "best": best,
+            "gain": 1 - best["loss"] / base, "grid": grid}
+
+
+def format_tune(result: dict) -> str:
+    b = result["best"]
+    lines = [f"{result['tokens']:,} tokens: base loss {result['base_loss']:.4f}; best "
+             f"lambda {b['lam']} temperature {b['temperature']}: {b['loss']:.4f} "
+             f"({-100 * result['gain']:+.1f}%)"]
+    temps = sorted({r["temperature"] for r in result["grid"]})
+    lines.append("| lambda \\ T | " + " | ".join(f"{t:g}" for t in temps) + " |")
+    lines.append("|---|" + "---:|" * len(temps))
+    for lam in sorted({r["lam"] for r in result["grid"]}):
+        row = [r["loss"] for r in result["grid"] if r["lam"] == lam]
+        lines.append(f"| {lam:g} | " + " | ".join(f"{x:.4f}" for x in row) + " |")
+    lines.append(f"use: --set model.knnlm.lam={b['lam']} --set "
+                 f"model.knnlm.temperature={b['temperature']}")
+    return "\n".join(lines)
+
+
+__all__ = ["format_tune", "mixture_loss", "record_neighbours", "tune"]
