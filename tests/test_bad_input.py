@@ -144,3 +144,92 @@ def test_corpus_without_an_eval_split_is_refused_before_training(capsys, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2 and "valid split" in err and "has no documents" in err
     assert not (run / "checkpoints").exists()
+
+
+@pytest.fixture
+def trained_run(tiny_corpus, tmp_path) -> Path:
+    run = tmp_path / "trained"
+    assert main(tiny_train(tiny_corpus, run)) == 0
+    return run
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "{run}", "--prompt", "x", "--tokens", "-1"], "--tokens must be >= 1"),
+    (["generate", "{run}", "--prompt", "x", "--top-k", "-3"], "--top-k must be >= 0"),
+    (["eval", "{run}", "--set", "data.corpus='{bpe}'"], "uses another tokenizer"),
+])
+def test_bad_run_commands_leave_the_run_unchanged(capsys, trained_run, tmp_path, args, needle):
+    from memformers.data.corpus import build_corpus
+
+    bpe = tmp_path / "bpe"
+    if any("{bpe}" in a for a in args):
+        src = tmp_path / "bsrc"
+        src.mkdir()
+        for i in range(12):
+            (src / f"{i}.txt").write_text(f"document {i}: " + "words and more words " * 50)
+        build_corpus(bpe, str(src), tokenizer="bpe", bpe_vocab=300, split=(0.4, 0.3, 0.3),
+                     progress=False)
+    before = snapshot(trained_run)
+    capsys.readouterr()
+    code = main([a.format(run=trained_run, bpe=bpe) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert snapshot(trained_run) == before
+
+
+@pytest.mark.parametrize("damage", ["not json {", "[1, 2]"])
+def test_malformed_run_config_is_one_line(capsys, trained_run, damage):
+    (trained_run / "config.json").write_text(damage)
+    before = snapshot(trained_run)
+    capsys.readouterr()
+    code = main(["eval", str(trained_run), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "config.json" in err, err
+    assert snapshot(trained_run) == before
+
+
+@pytest.mark.parametrize("damage", ["missing offsets", "object offsets", "truncated tokens",
+                                    "missing names"])
+def test_damaged_corpus_is_one_line(capsys, tiny_corpus, tmp_path, damage):
+    import shutil
+
+    import numpy as np
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)
+    if damage == "missing offsets":
+        (corpus / "train.offsets.npy").unlink()
+    elif damage == "object offsets":
+        np.save(corpus / "train.offsets.npy", np.array([0, "x"], dtype=object),
+                allow_pickle=True)
+    elif damage == "truncated tokens":
+        data = (corpus / "train.tokens.bin").read_bytes()
+        (corpus / "train.tokens.bin").write_bytes(data[: len(data) // 2])
+    else:
+        (corpus / "train.names.json").unlink()
+    run = tmp_path / "run"
+    code = main(tiny_train(corpus, run))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "damaged" in err, err
+    assert not (run / "checkpoints").exists()
+
+
+def test_symlinks_out_of_the_source_are_skipped_and_counted(tmp_path):
+    from memformers.data.corpus import CorpusSplit, build_corpus
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("THE SECRET " * 20)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.txt").write_text(f"ordinary text {i} " * 30)
+    (src / "inside.txt").symlink_to(src / "0.txt")  # a link within the source: kept
+    (src / "leak.txt").symlink_to(secret)
+    manifest = build_corpus(tmp_path / "c", str(src), split=(1, 0, 0), progress=False)
+    assert manifest["skipped"]["outside_links"] == 1
+    split = CorpusSplit.open(tmp_path / "c", "train")
+    text = bytes(split.tokens[: split.num_tokens].tolist())
+    assert b"SECRET" not in text and split.n_docs == 5
+    manifest = build_corpus(tmp_path / "c2", str(src), split=(1, 0, 0), progress=False,
+                            follow_links=True)
+    assert manifest["skipped"]["outside_links"] == 0

@@ -35,7 +35,14 @@ def _load_run_config(run_dir: Path, overrides: list[str]):
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file():
         raise MemformersError(f"not a memformers run directory: {run_dir} (no config.json)")
-    return config_from_dict(apply_overrides(json.loads(cfg_file.read_text()), overrides))
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MemformersError(f"{cfg_file} is not valid JSON ({e}); restore it from a copy "
+                              f"or start a new run") from None
+    if not isinstance(raw, dict):
+        raise MemformersError(f"{cfg_file} does not hold a run config (a JSON object)")
+    return config_from_dict(apply_overrides(raw, overrides))
 
 
 def is_shipped(run_dir: str | Path) -> bool:
@@ -67,6 +74,7 @@ def load_trained_model(run_dir: str | Path, overrides: list[str] = (), device: s
         return cfg, model.eval(), tokenizer
     cfg = _load_run_config(run_dir, list(overrides))
     tokenizer = load_tokenizer(Path(cfg.data.corpus))
+    check_run_tokenizer(run_dir, cfg, tokenizer)
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         ckpt = latest_checkpoint(run_dir)
@@ -76,6 +84,21 @@ def load_trained_model(run_dir: str | Path, overrides: list[str] = (), device: s
     model = build_model(cfg.model, tokenizer).to(resolve_device(device))
     load_model_weights(model, weights)
     return cfg, model.eval(), tokenizer
+
+
+def check_run_tokenizer(run_dir: Path, cfg, tokenizer) -> None:
+    """The corpus (``data.corpus``) must use the tokenizer the run was trained with."""
+    corpus_tok = Path(cfg.data.corpus) / "tokenizer.json"
+    run_tok = run_dir / "tokenizer.json"
+    same_file = not run_tok.is_file() or (
+        corpus_tok.is_file() and corpus_tok.read_bytes() == run_tok.read_bytes())
+    if cfg.model.hf_path:
+        return  # checked against the Hugging Face model's own vocabulary (hf.lm)
+    if tokenizer.vocab_size != cfg.model.vocab_size or not same_file:
+        raise MemformersError(f"corpus {cfg.data.corpus} uses another tokenizer (vocabulary "
+                              f"{tokenizer.vocab_size}) than the run {run_dir} (vocabulary "
+                              f"{cfg.model.vocab_size}); evaluate on a corpus built with the "
+                              f"run's tokenizer")
 
 
 def launch_processes(nproc: int, args) -> int:
@@ -217,6 +240,10 @@ def cmd_generate(args) -> int:
 
     from memformers.evaluate.generate import feed_and_generate
 
+    if args.tokens < 1:
+        raise MemformersError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.top_k < 0:
+        raise MemformersError(f"--top-k must be >= 0, got {args.top_k}")
     cfg, model, tok = load_trained_model(Path(args.run_dir), args.set, args.device,
                                          need_corpus=False)
     if not args.prompt:

@@ -42,6 +42,9 @@ def add_data_subparser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="one long document per top-level directory")
     b.add_argument("--max-docs", type=int, default=0, help="keep only the first N documents")
     b.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
+    b.add_argument("--follow-links", action="store_true",
+                   help="also read symlinks to files outside the source directory (skipped "
+                        "and counted by default)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pk = sub.add_parser("passkey", help="build a corpus of passkey documents (to mix in)")
@@ -76,7 +79,7 @@ def run_data_command(args: argparse.Namespace) -> int:
             include=args.include, exclude=args.exclude, text_field=args.text_field,
             split=args.split, max_docs=args.max_docs, group=args.group_by_package,
             overwrite=args.overwrite, source_kind="hf" if args.hf else "auto",
-            progress=not args.quiet,
+            progress=not args.quiet, follow_links=args.follow_links,
         )
         print(f"wrote corpus to {out}")
     elif args.data_command == "passkey":

@@ -89,11 +89,13 @@ def assign_split(name: str, fractions: tuple[float, float, float]) -> str:
 
 
 def _documents(spec: SourceSpec, include: list[str], exclude: list[str], text_field: str,
-               group: bool) -> tuple[Iterator[tuple[str, str]], Skipped]:
+               group: bool, follow_links: bool = False
+               ) -> tuple[Iterator[tuple[str, str]], Skipped]:
     skipped = Skipped()
     if spec.kind in ("stdlib", "dir"):
         inc = list(include) or (["**/*.py"] if spec.kind == "stdlib" else ["**/*"])
-        rels = list_files(spec.path, inc, exclude, stdlib=spec.kind == "stdlib")
+        rels = list_files(spec.path, inc, exclude, stdlib=spec.kind == "stdlib",
+                          skipped=skipped, follow_links=follow_links)
         docs = file_documents(spec.path, rels, skipped, group=group)
     elif spec.kind == "jsonl":
         docs = jsonl_documents(spec.path, text_field)
@@ -159,6 +161,7 @@ def build_corpus(
     overwrite: bool = False,
     source_kind: str = "auto",
     progress: bool = True,
+    follow_links: bool = False,
 ) -> Manifest:
     """Read ``source``, split and tokenise it, and write a corpus into ``out_dir``.
 
@@ -190,7 +193,7 @@ def build_corpus(
     include, exclude = list(include), list(exclude)
 
     # read: (name, text) in source order, dropping whitespace-only documents
-    docs, skipped = _documents(spec, include, exclude, text_field, group)
+    docs, skipped = _documents(spec, include, exclude, text_field, group, follow_links)
     if max_docs:
         docs = itertools.islice(docs, max_docs)
     by_split: dict[str, tuple[list[str], list[str]]] = {s: ([], []) for s in SPLITS}
@@ -247,7 +250,7 @@ def build_corpus(
             "split_fractions": list(fractions),
             "splits": split_stats,
             "skipped": {"binary": skipped.binary, "undecodable": skipped.undecodable,
-                        "empty": skipped.empty},
+                        "empty": skipped.empty, "outside_links": skipped.outside_links},
             "sha256": hasher.hexdigest(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -333,14 +336,27 @@ class CorpusSplit:
             raise MemformersError(f"unknown split '{split}' (expected {', '.join(SPLITS)})")
         d = Path(corpus_dir).expanduser()
         manifest = open_corpus_manifest(d, verify=verify)
-        offsets = np.load(d / f"{split}.offsets.npy")
-        dtype = np.dtype(manifest["dtype"])
-        n = int(offsets[-1])
-        if n == 0:
-            tokens = np.zeros(0, dtype=dtype)
-        else:
-            tokens = np.memmap(d / f"{split}.tokens.bin", dtype=dtype, mode="r", shape=(n,))
-        names = json.loads((d / f"{split}.names.json").read_text())
+        try:
+            offsets = np.load(d / f"{split}.offsets.npy", allow_pickle=False)
+            if offsets.dtype.kind not in "iu" or offsets.ndim != 1 or len(offsets) == 0 \
+                    or (np.diff(offsets) < 0).any() or offsets[0] != 0:
+                raise ValueError("offsets are not a non-decreasing integer array from 0")
+            dtype = np.dtype(manifest["dtype"])
+            n = int(offsets[-1])
+            path = d / f"{split}.tokens.bin"
+            if n and path.stat().st_size < n * dtype.itemsize:
+                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, the offsets "
+                                 f"need {n * dtype.itemsize}")
+            tokens = np.zeros(0, dtype=dtype) if n == 0 else \
+                np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+            names = json.loads((d / f"{split}.names.json").read_text())
+            if not isinstance(names, list) or len(names) != len(offsets) - 1:
+                raise ValueError("names.json does not list one name per document")
+        except (OSError, ValueError, TypeError) as e:  # missing, truncated or foreign files
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise MemformersError(f"corpus {d}, {split} split is damaged ({msg}; file "
+                                  f"{getattr(e, 'filename', None) or 'see above'}); rebuild "
+                                  f"it with memformers data build") from None
         return cls(tokens, offsets, names, manifest, split)
 
     @property
@@ -400,7 +416,8 @@ def format_stats(manifest: Manifest) -> str:
                      f"{bpt:>13.2f}")
     sk = manifest["skipped"]
     lines += ["", f"skipped    {sk['binary']} binary, {sk['undecodable']} undecodable, "
-                  f"{sk['empty']} empty", "", "document length (tokens)   " +
+                  f"{sk['empty']} empty, {sk.get('outside_links', 0)} links to files outside "
+                  f"the source", "", "document length (tokens)   " +
               "".join(f"{s:>8}" for s in SPLITS)]
     buckets = sorted({int(k) for s in SPLITS for k in manifest["splits"][s]["length_histogram"]})
     for b in buckets:

@@ -31,6 +31,7 @@ class Skipped:
     binary: int = 0
     undecodable: int = 0
     empty: int = 0
+    outside_links: int = 0  # symlinks to files outside the source directory
 
 
 @dataclass
@@ -96,12 +97,16 @@ def _selected(rel: str, include: list[re.Pattern], exclude: list[re.Pattern]) ->
 
 
 def list_files(root: Path, include: Sequence[str], exclude: Sequence[str],
-               stdlib: bool = False) -> list[str]:
+               stdlib: bool = False, skipped: Skipped | None = None,
+               follow_links: bool = False) -> list[str]:
     """Sorted relative POSIX paths of the selected regular files under ``root``.
 
     With ``stdlib``, test directories, ``test_*.py`` files and site-packages
-    are left out (and not even walked).
+    are left out (and not even walked). Symlinks to files outside ``root`` are left
+    out (counted in ``skipped.outside_links``) unless ``follow_links``: a link must not
+    carry a file from elsewhere on the machine into a corpus.
     """
+    real_root = Path(os.path.realpath(root))
     inc = [glob_to_regex(g) for g in include]
     exc = [glob_to_regex(g) for g in exclude]
     rels = []
@@ -112,8 +117,15 @@ def list_files(root: Path, include: Sequence[str], exclude: Sequence[str],
         base = Path(dirpath).relative_to(root).as_posix()
         for f in filenames:
             rel = f if base == "." else f"{base}/{f}"
-            if _selected(rel, inc, exc) and os.path.isfile(os.path.join(dirpath, f)):
-                rels.append(rel)
+            path = os.path.join(dirpath, f)
+            if not (_selected(rel, inc, exc) and os.path.isfile(path)):
+                continue
+            if os.path.islink(path) and not follow_links and \
+                    not Path(os.path.realpath(path)).is_relative_to(real_root):
+                if skipped is not None:
+                    skipped.outside_links += 1
+                continue
+            rels.append(rel)
     return sorted(rels)
 
 

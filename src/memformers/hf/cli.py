@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def read_input_text(source: Path, include: list[str], exclude: list[str]) -> tup
     if not source.is_dir():
         raise MemformersError(f"input not found: {source}")
     parts = []
-    for rel in list_files(source, include or ["**/*"], exclude):
+    for rel in list_files(source, include or ["**/*"], exclude, skipped=skipped):
         text = read_text_file(source / rel, skipped)
         if text:
             parts.append(GROUP_HEADER.format(path=rel) + text + ("" if text.endswith("\n")
@@ -69,6 +70,9 @@ def read_input_text(source: Path, include: list[str], exclude: list[str]) -> tup
         raise MemformersError(f"no text files under {source} (include={include or ['**/*']}, "
                               f"exclude={exclude}; skipped {skipped.binary} binary, "
                               f"{skipped.undecodable} undecodable)")
+    if skipped.outside_links:
+        print(f"skipped {skipped.outside_links} symlinks to files outside {source}",
+              file=sys.stderr)
     return "".join(parts), len(parts)
 
 
@@ -106,6 +110,8 @@ def cmd_ask(args) -> int:
 
     if not args.prompt:
         raise MemformersError("--prompt must not be empty")
+    if args.max_new_tokens < 1:
+        raise MemformersError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = _model_and_tokenizer(args.model, args.device)
     t0 = time.perf_counter()
     manifest = load_memory(model, args.memory)
