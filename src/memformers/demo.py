@@ -7,7 +7,10 @@
    and without a kNN memory, same data, steps and seed;
 3. prints the table and the two things memory is for: lower loss late in long
    documents (memory on vs off for the same weights) and passkey retrieval far
-   beyond the attention window (segment + XL cache = 512 tokens);
+   beyond the attention window (segment + XL cache = 512 tokens), then every memory
+   on the same held-out tokens: the shipped base with and without the training-free
+   kNN-LM, the XL control, the kNN model with its memory off and on, and both with the
+   kNN-LM added, each with a bootstrap interval over documents;
 4. runs the shipped ``passkey-knn`` model (the same base, taught on GPU to use its
    kNN memory with passkey prompts of <= 4K tokens) with its memory on and off:
    the key is retrieved from far beyond the window only with the memory.
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,6 +81,57 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
+KNNLM = "model.knnlm.capacity=65536"
+
+
+def memory_ladder(results: dict, spec, progress: bool) -> list[dict]:
+    """Every way to add memory, on the same held-out tokens: the shipped base with and
+    without the training-free kNN-LM, the fine-tuned XL control with and without it, and
+    the fine-tuned kNN model with its memory off, on, and on + the kNN-LM. Each row has
+    the loss by position and its change against the base with a 95% bootstrap interval
+    over documents."""
+    from memformers.cli import load_trained_model
+    from memformers.data.corpus import CorpusSplit
+    from memformers.evaluate.lm import bootstrap_change, evaluate_lm
+
+    runs = {v["name"]: v["run_dir"] for v in results["variants"]}
+    ladder = [("demo-base (no fine-tune)", "demo-base", []),
+              ("demo-base + kNN-LM (no training)", "demo-base", [KNNLM])]
+    if "xl" in runs:
+        ladder += [("xl (fine-tuned control)", runs["xl"], []),
+                   ("xl + kNN-LM", runs["xl"], [KNNLM])]
+    if "xl+knn" in runs:
+        ladder += [("xl+knn, memory off", runs["xl+knn"], ["model.knn.capacity=0"]),
+                   ("xl+knn, memory on", runs["xl+knn"], []),
+                   ("xl+knn + kNN-LM", runs["xl+knn"], [KNNLM])]
+    rows, base = [], None
+    for label, source, sets in ladder:
+        cfg, model, tok = load_trained_model(source, [*sets, "data.batch_size=4"], "cpu")
+        split = CorpusSplit.open(Path(cfg.data.corpus), spec.split or cfg.data.eval_split)
+        ev = evaluate_lm(model, split, tok.token_bytes, batch_size=4,
+                         segment_len=cfg.data.segment_len, max_docs=spec.max_docs,
+                         max_tokens=spec.max_tokens, progress=progress)
+        base = base or ev
+        rows.append({"name": label, "eval": ev, "change": bootstrap_change(base, ev)})
+    return rows
+
+
+def format_ladder(rows: list[dict]) -> list[str]:
+    buckets = list(rows[0]["eval"]["by_position"]) if rows else []
+    lines = [f"  {'model':<34}{'loss':>8}" + "".join(f"{b:>9}" for b in buckets)
+             + "   vs demo-base (95% interval over documents)"]
+    for r in rows:
+        ev, (c, lo, hi) = r["eval"], r["change"]
+        by = "".join(f"{ev['by_position'].get(b, {}).get('loss', float('nan')):>9.4f}"
+                     for b in buckets)
+        vs = "" if r is rows[0] else f"   {100 * c:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        lines.append(f"  {r['name']:<34}{ev['loss']:>8.4f}{by}{vs}")
+    n = rows[0]["eval"] if rows else {}
+    lines.append(f"  ({n.get('tokens', 0):,} tokens of {n.get('documents', 0)} held-out "
+                 f"documents, the compare table's)")
+    return lines
+
+
 def shipped_passkey(quick: bool, progress: bool) -> dict:
     """Passkey accuracy of the shipped ``passkey-knn`` model, memory on and off."""
     from memformers.data.tokenizer import ByteTokenizer
@@ -111,6 +166,13 @@ def run_demo(quick: bool = False, out: str | None = None, progress: bool = True)
     print("\nwhat memory did (same weights, memory off vs on; passkey far beyond the "
           "512-token attention window):")
     print("\n".join(headline(results)) or "  (no memory results)")
+    print("\nevery memory on the same held-out tokens, the training-free kNN-LM "
+          "(model.knnlm, 65K entries) included:", flush=True)
+    ladder = memory_ladder(results, cc.eval, progress)
+    print("\n".join(format_ladder(ladder)))
+    (out_dir / "memory_ladder.json").write_text(json.dumps(
+        [{**r, "eval": {k: v for k, v in r["eval"].items() if k != "by_doc"}}
+         for r in ladder], indent=2))
     print("\nthe shipped passkey-knn model (the same base taught on GPU to use its memory, "
           "prompts <= 4K tokens), same weights with the kNN memory on and off:", flush=True)
     for name, r in shipped_passkey(quick, progress).items():
