@@ -346,8 +346,16 @@ def cmd_sorting(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import os
+
     from memformers.demo import run_demo
 
+    if args.workdir:  # data/, reports/ and runs are written under it
+        try:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            os.chdir(args.workdir)
+        except OSError as e:
+            raise MemformersError(f"--workdir {args.workdir}: {e.strerror or e}") from None
     return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
 
 
@@ -447,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the demo: memory vs no memory from the shipped base model")
     d.add_argument("--quick", action="store_true", help="a 3-minute version")
     d.add_argument("--out", help="report directory (default reports/demo)")
+    d.add_argument("--workdir", help="write data/ and reports/ here (default: the current "
+                                     "directory)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 

@@ -36,13 +36,13 @@ QUICK_PASSKEY_GRID = ([2048], [0.5], 2)
 
 
 def find_preset(name: str = "cpu-small") -> Path:
-    """configs/compare/<name>.toml in the working directory or beside the sources."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+    """configs/compare/<name>.toml in the working directory, else the one in the package."""
+    for root in (Path.cwd(), Path(__file__).resolve().parent):
         path = root / "configs" / "compare" / f"{name}.toml"
         if path.is_file():
             return path
-    raise MemformersError(f"cannot find configs/compare/{name}.toml; run the demo from the "
-                          "memformers checkout")
+    raise MemformersError(f"cannot find configs/compare/{name}.toml (the package's copy is "
+                          "missing: reinstall memformers)")
 
 
 def ensure_corpora(progress: bool) -> None:

@@ -182,6 +182,9 @@ def eval_spec_from_dict(raw: dict, name: Callable[[str], str] = lambda k: f"eval
     return spec
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/memformers: holds configs/
+
+
 def _repo_root(start: Path) -> Path | None:
     for d in [start, *start.parents]:
         if (d / "pyproject.toml").is_file():
@@ -200,6 +203,7 @@ def resolve_path(text: str, config_file: Path | None) -> Path:
     candidates.append(Path.cwd() / p)
     if config_file is not None and (root := _repo_root(config_file.resolve().parent)):
         candidates.append(root / p)
+    candidates.append(PACKAGE_DIR / p)  # configs/... shipped inside the package
     for c in candidates:
         if c.exists():
             return c.resolve()
