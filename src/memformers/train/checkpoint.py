@@ -9,17 +9,22 @@ A checkpoint is a directory ``checkpoints/step_NNNNNNN`` holding
                             ``train.save_stream_state``, the per-stream state of its
                             streams (XL cache, memories) so resuming mid-document is exact
   COMMIT                    written last, by rank 0 after every rank has finished:
-                            a directory without it is torn, never loaded
+                            a directory without it is torn, never loaded. It holds the
+                            sha256 of every other file, checked before loading: a
+                            corrupt latest checkpoint is skipped (one warning line) for
+                            the previous good one
 Everything is written into ``step_NNNNNNN.tmp``, fsynced, then renamed. With
 several ranks the run directory must be on a filesystem they all see.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +186,22 @@ def save_checkpoint(run_dir: Path, step: int, *, rank: int = 0, barrier=lambda: 
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f"step_{step:07d}.tmp"
+    try:
+        _write_checkpoint(ckpt_root, final, tmp, step, rank, barrier, model_state,
+                          optim_state, stream_tensors, meta, keep)
+    except OSError as e:  # disk full, quota, permissions: the last good checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = latest_checkpoint(run_dir, verify=False)
+        raise MemformersError(f"cannot write checkpoint {final.name}: "
+                              f"{e.strerror or e}; partial files removed, last good "
+                              f"checkpoint: {good.name if good else 'none'}") from None
+    barrier()  # nobody goes on (or exits) before the checkpoint is committed
+    return final
+
+
+def _write_checkpoint(ckpt_root: Path, final: Path, tmp: Path, step: int, rank: int, barrier,
+                      model_state, optim_state, stream_tensors: dict, meta: dict,
+                      keep: int) -> None:
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,7 +225,8 @@ def save_checkpoint(run_dir: Path, step: int, *, rank: int = 0, barrier=lambda: 
             _fsync_file(tmp / name)
     barrier()  # every rank's file is on disk
     if rank == 0:
-        (tmp / COMMIT).write_text(str(step))
+        digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / COMMIT).write_text(json.dumps({"step": step, "sha256": digests}))
         _fsync_file(tmp / COMMIT)
         _fsync_dir(tmp)
         if final.exists():
@@ -213,16 +235,48 @@ def save_checkpoint(run_dir: Path, step: int, *, rank: int = 0, barrier=lambda: 
         _fsync_dir(ckpt_root)
         for old in sorted(p for p in ckpt_root.glob("step_*") if p.suffix != ".tmp")[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()  # nobody goes on (or exits) before the checkpoint is committed
-    return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why committed checkpoint ``ckpt`` must not be loaded (a file missing or failing its
+    recorded sha256), or None. Checkpoints written before checksums pass unchecked."""
+    try:
+        record = json.loads((ckpt / COMMIT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "its COMMIT marker is unreadable"
+    if not isinstance(record, dict):
+        return None  # an older checkpoint: COMMIT holds only the step
+    for name, digest in record.get("sha256", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} fails its sha256"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
+    """The newest committed checkpoint whose files pass their checksums (``verify``); a
+    newer corrupt one is skipped with one warning line on stderr."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
     done = [p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / COMMIT).is_file()]
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+    for ckpt in sorted(done, key=lambda p: int(p.name.split("_")[1]), reverse=True):
+        problem = checkpoint_problem(ckpt) if verify else None
+        if problem is None:
+            return ckpt
+        print(f"warning: checkpoint {ckpt} is corrupt ({problem}); using an older one",
+              file=sys.stderr)
+    return None
 
 
 def read_checkpoint(ckpt: Path) -> tuple[dict, object]:

@@ -208,7 +208,7 @@ class Trainer:
         saved_cfg = self.run_dir / "config.json"
         if resume and not saved_cfg.is_file():
             raise MemformersError(f"nothing to resume: {saved_cfg} not found")
-        if not resume and latest_checkpoint(self.run_dir) is not None:
+        if not resume and latest_checkpoint(self.run_dir, verify=False) is not None:
             raise MemformersError(f"{self.run_dir} already holds a run; pass --resume to "
                                   "continue it or choose another --run-dir")
         self.cfg = cfg
