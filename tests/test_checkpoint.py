@@ -13,6 +13,10 @@ from memformers.train.trainer import Trainer
 from tests.conftest import TINY_MODEL
 
 
+class Payload:  # not a tensor: a pickle of it is refused by weights_only loading
+    pass
+
+
 def run_steps(corpus, run, steps, resume=False):
     cfg = load_config(None, [*TINY_MODEL, f"data.corpus=\"{corpus}\"", f"train.steps={steps}",
                              "train.ckpt_every=2"])
@@ -68,3 +72,17 @@ def test_disk_full_cleans_up_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp
     monkeypatch.setattr(ck, "save_file", real)
     assert sorted((run / "checkpoints").glob("step_*")) == good  # no .tmp left behind
     assert ck.checkpoint_problem(good[0]) is None
+
+
+def test_a_pickle_as_optim_state_is_refused_in_one_line(tiny_corpus, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run_steps(tiny_corpus, run, 2)
+    ckpt = ck.latest_checkpoint(run)
+
+    torch.save({"state": Payload()}, ckpt / "optim.pt")  # an object: weights_only refuses
+    with pytest.raises(MemformersError) as e:
+        ck.read_checkpoint(ckpt)
+    msg = str(e.value)
+    assert "refused" in msg and "\n" not in msg and "weights_only" not in msg

@@ -69,9 +69,15 @@ def load_hf_model(path: Path) -> nn.Module:
         raise MemformersError(f"{path}: model type {getattr(config, 'model_type', None)!r} is "
                               f"not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     memory = getattr(config, "memformers", None)
+    pickles = [p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl")
+               for p in path.glob(pattern)]
+    if pickles and not weight_files(path):
+        raise MemformersError(f"{path} holds only pickle weights ({pickles[0]}); memformers "
+                              f"loads safetensors only (convert them with save_pretrained("
+                              f"safe_serialization=True) where you trust the file)")
     if weight_files(path):
         if memory:
-            return load_pretrained(path, dtype=torch.float32, use_safetensors=True)
+            return load_pretrained(path, dtype=torch.float32)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:

@@ -29,8 +29,13 @@ def weight_files(path: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def load_pretrained(path: str | Path, **from_pretrained_kwargs) -> torch.nn.Module:
-    """A retrofitted model saved with ``save_pretrained``: base weights, memory layers, gates."""
+def load_pretrained(path: str | Path, *, allow_pickle: bool = False,
+                    **from_pretrained_kwargs) -> torch.nn.Module:
+    """A retrofitted model saved with ``save_pretrained``: base weights, memory layers, gates.
+
+    Weights load from safetensors only; a directory holding only pickle weights
+    (``pytorch_model.bin``) is refused unless ``allow_pickle=True`` (never for untrusted
+    files: unpickling runs code)."""
     transformers = require_transformers()
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
@@ -40,6 +45,11 @@ def load_pretrained(path: str | Path, **from_pretrained_kwargs) -> torch.nn.Modu
     if not settings:
         raise MemformersError(f"{p} has no memory (no 'memformers' section in config.json); "
                               "load it with from_pretrained and call add_memory")
+    if not allow_pickle:
+        if not weight_files(p):
+            raise MemformersError(f"{p} has no safetensors weights (model.safetensors); "
+                                  "memformers does not unpickle weight files")
+        from_pretrained_kwargs["use_safetensors"] = True
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the memory tensors are "unexpected" to it
     try:

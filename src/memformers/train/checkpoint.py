@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -286,8 +287,13 @@ def read_checkpoint(ckpt: Path) -> tuple[dict, object]:
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
         optim = torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise MemformersError(f"checkpoint {ckpt}: optim.pt holds objects other than tensors "
+                              f"and plain containers; refused (memformers never unpickles "
+                              f"code)") from None
     except Exception as e:
-        raise MemformersError(f"checkpoint {ckpt} is corrupt: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MemformersError(f"checkpoint {ckpt} is corrupt: {first}") from None
     meta.setdefault("world_size", 1)  # checkpoints written before multi-process runs
     return meta, optim
 
