@@ -79,7 +79,7 @@ def main() -> None:
                                                     times["demo-base + kNN-LM"]))
     print(f"demo-base, {B} streams x {L}-token segments, datastore {held:,} entries per "
           f"stream, {args.threads} threads, median of {args.repeats} x {args.segments} segments")
-    print(f"| model | tokens/s | x demo-base |\n|---|---:|---:|")
+    print("| model | tokens/s | x demo-base |\n|---|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s'] / rows['demo-base']['tokens_per_s']:.2f} |")
