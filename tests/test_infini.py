@@ -1,4 +1,4 @@
-"""Infini-attention (REFERENCE.md sec. 3) against brute-force references."""
+"""Infini-attention (docs/infini.md) against brute-force references."""
 
 import copy
 import time
@@ -108,7 +108,7 @@ def test_delta_rule_equals_loop_reference():
 def test_delta_rule_leaves_an_exactly_stored_binding_unchanged():
     """sigma(K) rows one-hot (sigma(-inf) = 0, sigma(0) = 1) and V = sigma(K) M / (sigma(K) z):
     M already returns V for these keys, so the delta term is 0 and M stays; z still
-    grows by sum_t sigma(K_t) (REFERENCE.md sec. 3: "z as above")."""
+    grows by sum_t sigma(K_t) (docs/infini.md, the normaliser row: both rules)."""
     g = torch.Generator().manual_seed(11)
     M = torch.randn(B, H, D, D, generator=g)
     z = torch.rand(B, H, D, generator=g) + 0.5

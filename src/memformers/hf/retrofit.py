@@ -11,7 +11,7 @@ memformers memory module, ``.memory``:
     local   = the library's own attention on RoPE(q), RoPE(k), v, with its KV
               cache and attention kernel: exactly the original  (B, H, L, d)
     out     = memory(q, k, v, local)    q, k WITHOUT RoPE: memories carry no
-                                        position (REFERENCE.md sections 1 and 3)
+                                        position (docs/knn.md, docs/infini.md)
     y       = W_o out
 
 kind="knn" (Memorizing Transformers, Wu et al. 2022, sec. 3): top-k retrieval

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class KNNConfig:
-    """Memorizing Transformers kNN memory (REFERENCE.md section 1)."""
+    """Memorizing Transformers kNN memory (docs/knn.md)."""
 
     # e.g. [3] of 6; "auto" (in a config or --set) = the layer at 3/4 depth, the paper's
     # 9 of 12 (config.knn_default_layer)
@@ -65,7 +65,7 @@ class KNNLMConfig:
 
 @dataclass
 class PKMConfig:
-    """Product-key memory replacing the FFN of chosen layers (REFERENCE.md section 2)."""
+    """Product-key memory replacing the FFN of chosen layers (docs/pkm.md)."""
 
     layers: list[int] = field(default_factory=list)
     n_keys: int = 512  # sub-keys per half: n^2 slots
@@ -88,7 +88,7 @@ class PKMConfig:
 
 @dataclass
 class InfiniConfig:
-    """Infini-attention compressive memory (REFERENCE.md section 3)."""
+    """Infini-attention compressive memory (docs/infini.md)."""
 
     layers: list[int] = field(default_factory=list)
     update: str = "delta"  # "linear" | "delta"
@@ -99,7 +99,7 @@ class InfiniConfig:
 
 @dataclass
 class ContinuousConfig:
-    """infinity-former continuous long-term memory (REFERENCE.md section 4)."""
+    """infinity-former continuous long-term memory (docs/continuous.md)."""
 
     layers: list[int] = field(default_factory=list)
     n_basis: int = 256  # N radial basis functions (centres x widths)

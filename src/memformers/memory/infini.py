@@ -1,4 +1,4 @@
-"""Infini-attention: a compressive linear-attention memory per head (REFERENCE.md sec. 3).
+"""Infini-attention: a compressive linear-attention memory per head (docs/infini.md).
 
 Munkhdalai, Faruqui, Gopal (2024), "Leave No Context Behind", eqs. (3)-(6).
 Per (stream, head) the layer keeps a matrix M (d_k x d_v) and a normaliser

@@ -1,4 +1,4 @@
-"""Memorizing Transformers kNN memory (Wu et al., ICLR 2022; REFERENCE.md section 1).
+"""Memorizing Transformers kNN memory (Wu et al., ICLR 2022; docs/knn.md).
 
 The kNN layer keeps, per (stream, head), a FIFO memory of the (key, value)
 pairs of earlier segments and lets every query attend to its top-k nearest
@@ -93,7 +93,7 @@ class KNNMemoryAttention(AttentionMemory):
 
     def param_groups(self, train_cfg) -> list[dict]:
         """Gates and temperatures: scalars per head, their own higher lr, no decay
-        (a gate under the global lr barely moves; see REFERENCE.md section 3)."""
+        (a gate under the global lr barely moves; see docs/infini.md)."""
         return [{"params": [self.gate, self.log_scale], "lr": self.cfg.gate_lr,
                  "weight_decay": 0.0, "name": "knn_gate"}]
 

@@ -1,4 +1,4 @@
-"""Product-key memory layer (Lample et al., NeurIPS 2019; REFERENCE.md section 2).
+"""Product-key memory layer (Lample et al., NeurIPS 2019; docs/pkm.md).
 
 A drop-in FFN replacement: the block computes ``x + m(x)`` with
 

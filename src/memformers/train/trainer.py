@@ -89,8 +89,8 @@ def state_report(model: torch.nn.Module, segment_len: int, n_streams: int,
                  cache_itemsize: int = 4) -> str:
     """One line: the per-stream state bytes of each memory mechanism, printed before training.
 
-    Infini-attention: layers x H x d_k x (d_v + 1) x 4 B (float32 M and z; REFERENCE.md
-    sec. 3), whatever the context length. The XL cache is empty until the first segment:
+    Infini-attention: layers x H x d_k x (d_v + 1) x 4 B (float32 M and z; docs/infini.md),
+    whatever the context length. The XL cache is empty until the first segment:
     layers x 2 (keys, values) x H x segment_len x d x ``cache_itemsize`` + segment_len
     (validity flags). kNN and continuous memories: their own ``state_bytes_per_stream``.
     """
