@@ -10,10 +10,23 @@ The architecture, one concept per module:
   evaluate/            held-out perplexity / bits per byte by position, passkey
   tasks/               synthetic tasks (sorting, associative recall)
   hf/                  memory retrofitted into pretrained Hugging Face models
+  layers.py            drop-in layers: KNNAttention, ProductKeys, InfiniAttention,
+                       ContinuousAttention, KNNLMHead (import memformers)
   cli.py               the `memformers` command
 """
 
 from memformers.errors import MemformersError
 
 __version__ = "0.1.0"
-__all__ = ["MemformersError", "__version__"]
+LAYERS = ("ContinuousAttention", "InfiniAttention", "KNNAttention", "KNNLMHead", "ProductKeys")
+__all__ = ["MemformersError", "__version__", *LAYERS]
+
+
+def __getattr__(name: str):
+    """The drop-in layers (memformers/layers.py), imported on first use: ``import
+    memformers`` stays light for the command line."""
+    if name in LAYERS:
+        from memformers import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module 'memformers' has no attribute {name!r}")
