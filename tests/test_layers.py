@@ -131,10 +131,7 @@ def python_blocks(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", ["README.md", *sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
 def test_documentation_code_runs(path, tmp_path, monkeypatch):
-    """Every ```python block of the README and docs/ runs, except blocks that say on their
-    first line that they need the Hugging Face Hub (CI has no network to it)."""
+    """Every ```python block of the README and docs/ runs."""
     monkeypatch.chdir(tmp_path)
     for block in python_blocks(ROOT / path):
-        if block.startswith("# needs the Hugging Face Hub"):
-            continue
         exec(compile(block, f"{path} block", "exec"), {"__name__": "__doc_block__"})
