@@ -42,6 +42,28 @@ def snapshot(run: Path) -> dict:
     ("model.knnlm.backend='hnsw'", "model.knnlm.backend' must be one of"),
     ("model.knnlm.ivf_nprobe=0", "ivf_nprobe"),
     ("data.eval_max_doc_tokens=-1", "must be >= 0"),
+    ("model.n_heads=0", "must be positive"),
+    ("model.ffn='relu'", "model.ffn' must be one of"),
+    ("model.position='alibi'", "model.position' must be one of"),
+    ("data.eval_max_docs=-1", "must be >= 0"),
+    ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+    ("train.precision='fp16'", "train.precision' must be one of"),
+    ("train.device='tpu'", "train.device must be auto, cpu or cuda"),
+    ("train.parallel='zero'", "train.parallel' must be one of"),
+    ("train.lr=0", "train.lr must be positive"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio must be in [0, 1]"),
+    ("train.steps=0", "must be positive"),
+    ("train.grad_accum=0", "must be positive"),
+    ("train.betas='x'", "must be a list"),
+    ("data.segment_len=0", "must be positive"),
+    ("data.batch_size=-1", "must be positive"),
+    ("model.knn.backend='annoy'", "model.knn.backend' must be one of"),
+    ("model.knn.storage_dtype='int8'", "model.knn.storage_dtype' must be one of"),
+    ("model.pkm.k_dim=3", "model.pkm.k_dim must be even"),
+    ("model.pkm.top_k=9999", "must be <= n_keys"),
+    ("model.infini.update='hebb'", "model.infini.update' must be one of"),
+    ("model.continuous.tau=1.5", "model.continuous.tau must be in (0, 1)"),
+    ("model.n_layer=2", "did you mean 'model.n_layers'"),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(capsys, tiny_corpus, tmp_path, setting,
                                                      needle):
@@ -146,9 +168,9 @@ def test_corpus_without_an_eval_split_is_refused_before_training(capsys, tmp_pat
     assert not (run / "checkpoints").exists()
 
 
-@pytest.fixture
-def trained_run(tiny_corpus, tmp_path) -> Path:
-    run = tmp_path / "trained"
+@pytest.fixture(scope="module")
+def trained_run(tiny_corpus, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("trained") / "run"
     assert main(tiny_train(tiny_corpus, run)) == 0
     return run
 
@@ -178,14 +200,18 @@ def test_bad_run_commands_leave_the_run_unchanged(capsys, trained_run, tmp_path,
 
 
 @pytest.mark.parametrize("damage", ["not json {", "[1, 2]"])
-def test_malformed_run_config_is_one_line(capsys, trained_run, damage):
-    (trained_run / "config.json").write_text(damage)
-    before = snapshot(trained_run)
+def test_malformed_run_config_is_one_line(capsys, trained_run, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "config.json").write_text(damage)
+    before = snapshot(run)
     capsys.readouterr()
-    code = main(["eval", str(trained_run), "--no-progress"])
+    code = main(["eval", str(run), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "config.json" in err, err
-    assert snapshot(trained_run) == before
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("damage", ["missing offsets", "object offsets", "truncated tokens",
@@ -233,3 +259,93 @@ def test_symlinks_out_of_the_source_are_skipped_and_counted(tmp_path):
     manifest = build_corpus(tmp_path / "c2", str(src), split=(1, 0, 0), progress=False,
                             follow_links=True)
     assert manifest["skipped"]["outside_links"] == 0
+
+
+@pytest.fixture(scope="module")
+def hf_memory(tmp_path_factory):
+    """A tiny retrofitted GPT-2 directory and a memory memorised into it (the ask CLI)."""
+    transformers = pytest.importorskip("transformers")
+    from memformers.data.tokenizer import byte_tokenizer_json
+    from memformers.hf import add_memory
+    from memformers.hf.configs import tiny_config
+
+    root = tmp_path_factory.mktemp("hfmem")
+    torch_model = transformers.AutoModelForCausalLM.from_config(
+        tiny_config("gpt2", d_model=32, n_layers=2, n_heads=4, d_ff=64, max_positions=256))
+    add_memory(torch_model, kind="knn", layers=[1], capacity=256, top_k=4,
+               storage_dtype="float32")
+    torch_model.save_pretrained(root / "model")
+    byte_tokenizer_json().save(root / "model")
+    (root / "text.txt").write_text("def alpha():\n    return 42\n" * 8)
+    assert main(["memorize", "--model", str(root / "model"), "--input",
+                 str(root / "text.txt"), "--out", str(root / "mem"), "--no-progress"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("damage", ["truncated json", "field-less json", "truncated tensors",
+                                    "pickle tensors", "pickle model"])
+def test_ask_with_a_damaged_memory_or_model_is_one_line(capsys, hf_memory, tmp_path, damage):
+    import pickle
+    import shutil
+
+    mem, model = tmp_path / "mem", tmp_path / "model"
+    shutil.copytree(hf_memory / "mem", mem)
+    shutil.copytree(hf_memory / "model", model)
+    manifest = mem / "memory.json"
+    if damage == "truncated json":
+        manifest.write_text(manifest.read_text()[:40])
+    elif damage == "field-less json":
+        manifest.write_text(json.dumps({"format": json.loads(manifest.read_text())["format"],
+                                        "version": json.loads(manifest.read_text())["version"]}))
+    elif damage == "truncated tensors":
+        data = (mem / "memory.safetensors").read_bytes()
+        (mem / "memory.safetensors").write_bytes(data[: len(data) // 3])
+    elif damage == "pickle tensors":
+        (mem / "memory.safetensors").write_bytes(pickle.dumps({"keys": [1, 2, 3]}))
+    else:
+        (model / "model.safetensors").unlink()
+        (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    code = main(["ask", "--model", str(model), "--memory", str(mem), "--prompt", "def"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["data", "build", "--source", "{src}", "--out", "{file}"], "is a file, not a directory"),
+    (["data", "build", "--source", "{src}", "--out", "{tmp}/c", "--tokenizer", "bpe",
+      "--bpe-vocab", "100000000"], "--bpe-vocab must be in"),
+    (["data", "build", "--source", "{src}", "--out", "{tmp}/c", "--split", "0.5,x,1"],
+     "--split"),
+    (["data", "build", "--source", "{tmp}/nothing-here", "--out", "{tmp}/c"], ""),
+    (["data", "stats", "{tmp}/nothing-here"], "not a memformers corpus"),
+    (["eval", "{run}", "--set", "model.d_model=64"], "does not match this model"),
+    (["eval", "{run}", "--set", "model.n_layers=3"], "does not match this model"),
+    (["eval", "{run}", "--max-docs", "-5"], "must be >= -1"),
+    (["eval", "{run}", "--set", "model.knn.layers=[7]"], "does not exist"),
+    (["eval", "{run}", "--set", "nonsense"], "--set expects key=value"),
+    (["eval", "{run}", "--set", "model.knnlm.lam=-1"], "model.knnlm.lam"),
+    (["knnlm-tune", "{run}", "--set", "model.knnlm.capacity=-2"], "model.knnlm.capacity"),
+    (["generate", "{run}", "--prompt", ""], "--prompt must not be empty"),
+    (["train", "--run-dir", "{run}", "--resume", "--set", "model.d_model=64"],
+     "does not match this model"),
+    (["train", "--run-dir", "{run}", "--no-progress", "--set", "data.corpus='{corpus}'"],
+     "already holds a run"),
+    (["eval", "demo-base", "--set", "data.corpus='{tmp}/none'"], "not a memformers corpus"),
+])
+def test_more_bad_commands_are_one_line_and_change_nothing(capsys, trained_run, tiny_corpus,
+                                                           tmp_path, args, needle):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(f"text {i} " * 50)
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(trained_run)
+    capsys.readouterr()
+    code = main([a.format(run=trained_run, src=src, tmp=tmp_path, file=tmp_path / "afile",
+                          corpus=tiny_corpus) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert snapshot(trained_run) == before

@@ -183,6 +183,11 @@ def build_corpus(
     hf_tok = HFTokenizer.for_model(hf_model) if hf_model else None  # fail before reading
     if max_docs < 0:
         raise MemformersError(f"max_docs must be >= 0, got {max_docs}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MemformersError(f"--out {out_dir} is a file, not a directory")
+    if tokenizer == "bpe" and not 257 <= bpe_vocab <= 1 << 20:
+        raise MemformersError(f"--bpe-vocab must be in 257..{1 << 20} (bytes + merges), "
+                              f"got {bpe_vocab}")
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise MemformersError(f"corpus already exists: {out_dir} (pass --overwrite to rebuild)")
     if out_dir.exists() and not (out_dir / MANIFEST).exists() and any(out_dir.iterdir()):

@@ -41,8 +41,10 @@ def _model_and_tokenizer(model_dir: str, device: str):
     from memformers.data.tokenizer import HFTokenizer
     from memformers.hf.lm import resolve_model_source
     from memformers.hf.persist import load_pretrained
+    from memformers.hf.retrofit import require_transformers
     from memformers.train.trainer import resolve_device
 
+    require_transformers().utils.logging.disable_progress_bar()  # stderr: errors only
     path = resolve_model_source(model_dir)
     model = load_pretrained(path).to(resolve_device(device)).eval()
     return model, HFTokenizer.load(path), path
@@ -107,11 +109,13 @@ def cmd_ask(args) -> int:
 
     from memformers.hf import load_memory
     from memformers.hf.retrofit import max_positions
+    from memformers.memory.persist import read_manifest
 
     if not args.prompt:
         raise MemformersError("--prompt must not be empty")
     if args.max_new_tokens < 1:
         raise MemformersError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    read_manifest(args.memory)  # a damaged memory fails before the model is loaded
     model, tok, _ = _model_and_tokenizer(args.model, args.device)
     t0 = time.perf_counter()
     manifest = load_memory(model, args.memory)

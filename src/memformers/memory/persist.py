@@ -124,9 +124,17 @@ def read_manifest(path: str | Path) -> dict:
     if not (p / MANIFEST).is_file() or not (p / TENSORS).is_file():
         raise MemformersError(f"not a saved memory: {p} (expected {MANIFEST} and {TENSORS}; "
                               "make one with `memformers memorize` or save_memory)")
-    manifest = json.loads((p / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MemformersError(f"{p / MANIFEST} is damaged (not JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("version") != VERSION:
         raise MemformersError(f"{p / MANIFEST} is not a version-{VERSION} memformers memory")
+    missing = [k for k in ("modules", "fingerprint", "capacity", "storage_dtype", "streams")
+               if k not in manifest]
+    if missing:
+        raise MemformersError(f"{p / MANIFEST} is damaged: it lacks {', '.join(missing)}")
     return manifest
 
 
@@ -161,8 +169,13 @@ def load_memory(model: torch.nn.Module, path: str | Path, *, stream: int | None 
             raise MemformersError(f"memory {path} has kNN capacity {storage[0]} "
                                   f"({storage[1]}); this model {knn[0].cfg.capacity} "
                                   f"({knn[0].cfg.storage_dtype})")
-    with safe_open(str(Path(path).expanduser() / TENSORS), framework="pt") as f:
-        saved = {k: f.get_tensor(k) for k in f.keys()}  # mapped, not read
+    try:
+        with safe_open(str(Path(path).expanduser() / TENSORS), framework="pt") as f:
+            saved = {k: f.get_tensor(k) for k in f.keys()}  # mapped, not read
+    except Exception as e:  # safetensors raises several types for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MemformersError(f"memory {path}: {TENSORS} is damaged or not safetensors "
+                              f"({first})") from None
     if stream is not None:
         load_collected_state_tensors(model, saved, into=[stream])
         return manifest

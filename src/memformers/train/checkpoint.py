@@ -160,7 +160,13 @@ def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) 
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise MemformersError(f"cannot read weights {path}: {e}") from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: other sizes, another config
+        first = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x),
+                     str(e).strip().splitlines()[0])
+        raise MemformersError(f"{path} does not match this model ({first.rstrip('.')}); "
+                              f"load it with the config it was trained with") from None
     # a tied tensor is saved once (model_tensors): its other names are not missing
     state = model.state_dict()
     loaded = {state[k].data_ptr() for k in tensors if k in state}
