@@ -86,3 +86,16 @@ def test_a_pickle_as_optim_state_is_refused_in_one_line(tiny_corpus, tmp_path):
         ck.read_checkpoint(ckpt)
     msg = str(e.value)
     assert "refused" in msg and "\n" not in msg and "weights_only" not in msg
+
+
+def test_final_weights_are_checked_against_their_sha256(tiny_corpus, tmp_path, capsys):
+    from memformers.cli import main
+
+    run = tmp_path / "run"
+    run_steps(tiny_corpus, run, 2)
+    assert (run / "model.safetensors.sha256").is_file()
+    flip_a_byte(run / "model.safetensors")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not match its recorded sha256" in err

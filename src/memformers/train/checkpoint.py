@@ -143,10 +143,17 @@ def model_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights written atomically, with their sha256 beside them (``NAME.sha256``), which
+    ``load_model_weights`` checks."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     _fsync_file(tmp)
+    atomic_write_text(_digest_file(path), _sha256(tmp) + "\n")
     os.replace(tmp, path)
 
 
@@ -155,7 +162,13 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> list[str]:
-    """Load safetensors weights; returns the model's keys the file did not have."""
+    """Load safetensors weights; returns the model's keys the file did not have. Weights
+    saved with ``save_tensors`` must match their recorded sha256."""
+    digest = _digest_file(path)
+    if digest.is_file() and path.is_file() and \
+            digest.read_text().strip() != _sha256(path):
+        raise MemformersError(f"{path} does not match its recorded sha256 ({digest.name}): "
+                              f"the file is damaged")
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt files
