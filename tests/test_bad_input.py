@@ -64,6 +64,8 @@ def snapshot(run: Path) -> dict:
     ("model.infini.update='hebb'", "model.infini.update' must be one of"),
     ("model.continuous.tau=1.5", "model.continuous.tau must be in (0, 1)"),
     ("model.n_layer=2", "did you mean 'model.n_layers'"),
+    ("data.batch_size=100000000", "too little memory"),  # estimated before allocating
+    ("model.knnlm.capacity=1000000000", "too little memory"),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(capsys, tiny_corpus, tmp_path, setting,
                                                      needle):

@@ -250,8 +250,13 @@ class KNNLM(StreamState, nn.Module):
             self._ivf_add(torch.zeros_like(self.count))
 
     def state_bytes_per_stream(self) -> int:
-        per_pair = self.d_model * self.dtype.itemsize + 8 + 8 + 4  # key, value, pos, |k|^2
-        return self.cfg.capacity * per_pair + 4 * self.d_model + 32
+        return self.bytes_per_stream(self.cfg, self.d_model)
+
+    @staticmethod
+    def bytes_per_stream(cfg: KNNLMConfig, d_model: int) -> int:
+        """The datastore of one stream: key, next token, position and |k|^2 per pair."""
+        per_pair = d_model * STORAGE_DTYPES[cfg.storage_dtype].itemsize + 8 + 8 + 4
+        return cfg.capacity * per_pair + 4 * d_model + 32
 
     # ----------------------------------------------------------------- read
 

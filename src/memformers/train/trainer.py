@@ -129,31 +129,57 @@ def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
     return total
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable), else the machine's total, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_memory_budget(model_cfg, batch_size: int, n_params: int,
-                        state_bytes: int | None = None) -> int:
-    """Estimate bytes needed (weights, grads, Adam, per-stream state) and refuse impossible runs.
+                        state_bytes: int | None = None, segment_len: int = 0) -> int:
+    """Estimate bytes needed (weights, grads, Adam, per-stream state, one segment's
+    activations) and refuse impossible runs before anything is allocated.
 
     ``state_bytes``: the per-stream state of a built model (a Hugging Face model,
-    whose memories are not described by ``model_cfg``); else the kNN memories of
-    ``model_cfg``."""
+    whose memories are not described by ``model_cfg``); else the kNN memories, the XL
+    caches and the kNN-LM datastore of ``model_cfg``."""
+    m, L = model_cfg, segment_len
     need = n_params * 4 * 4  # weights + grads + 2 Adam moments
+    # activations kept for backward, per stream: every layer's residual-stream tensors and
+    # attention scores over the segment (+ XL cache), float32 -- a lower bound
+    keys = 2 * L if m.xl_cache else L
+    need += batch_size * m.n_layers * L * (12 * m.d_model + m.d_ff + 2 * m.n_heads * keys) * 4
     if state_bytes is not None:
         need += state_bytes
-    elif model_cfg.knn.layers:
-        from memformers.memory.knn import knn_footprint_bytes
+    else:
+        if m.knn.layers:
+            from memformers.memory.knn import knn_footprint_bytes
 
-        need += knn_footprint_bytes(model_cfg.knn, model_cfg.n_heads, model_cfg.head_dim,
-                                    batch_size, len(model_cfg.knn.layers))
-    try:
-        import os
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+            need += knn_footprint_bytes(m.knn, m.n_heads, m.head_dim, batch_size,
+                                        len(m.knn.layers))
+        if m.xl_cache:
+            need += batch_size * m.n_layers * 2 * m.n_heads * L * m.head_dim * 4
+        if m.knnlm.capacity:
+            from memformers.memory.knnlm import KNNLM
+
+            need += batch_size * KNNLM.bytes_per_stream(m.knnlm, m.d_model)
+    total = available_memory()
+    if total is None:
         return need
     if need > 0.9 * total:
         raise MemformersError(
             f"too little memory: this configuration needs about {need / 2**30:.1f} GiB "
-            f"(weights, optimiser, memories) but the machine has {total / 2**30:.1f} GiB; "
-            "lower model.knn.capacity or data.batch_size")
+            f"(weights, optimiser, memories, activations) but {total / 2**30:.1f} GiB are "
+            "available; lower model.knn.capacity, model.knnlm.capacity or data.batch_size")
     return need
 
 
@@ -197,9 +223,19 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool = True):
         self.run_dir = Path(run_dir)
+        existed = self.run_dir.exists()
         # one process per run directory (rank 0 of a distributed run holds the lock)
         self._lock = lock_run_dir(self.run_dir) if os.environ.get("RANK", "0") == "0" \
             else None
+        try:
+            self._build(cfg, resume, progress)
+        except BaseException:  # refused before training: leave no trace of this attempt
+            self.close_lock()
+            if not existed and {p.name for p in self.run_dir.iterdir()} <= {".lock"}:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _build(self, cfg: RunConfig, resume: bool, progress: bool) -> None:
         self.corpus_dir = Path(cfg.data.corpus)
         manifest = open_corpus_manifest(self.corpus_dir)
         self.tokenizer = load_tokenizer(self.corpus_dir)
@@ -228,12 +264,13 @@ class Trainer:
             model = build_model(cfg.model, self.tokenizer)
             self.state_need = check_memory_budget(
                 cfg.model, B_rank, model.num_parameters(),
-                state_bytes_per_stream(model) * B_rank)
+                state_bytes_per_stream(model) * B_rank, cfg.data.segment_len)
             self.model = model.to(self.device)
         else:
             with torch.device("meta"):  # count parameters without allocating them
                 n_params = MemformerLM(cfg.model).num_parameters()
-            self.state_need = check_memory_budget(cfg.model, B_rank, n_params)
+            self.state_need = check_memory_budget(cfg.model, B_rank, n_params,
+                                                  segment_len=cfg.data.segment_len)
             self.model = MemformerLM(cfg.model).to(self.device)
         if env.world_size > 1:
             torch.manual_seed(t.seed + env.rank)  # same init everywhere, own dropout masks
@@ -310,6 +347,9 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group (a no-op in a single process); release the run lock."""
         D.close_distributed(self.dist)
+        self.close_lock()
+
+    def close_lock(self) -> None:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
