@@ -34,6 +34,11 @@ def cmd_finetune(args) -> int:
         raw = apply_overrides(read_toml(args.config) if args.config else {}, args.set)
         raw.setdefault("model", {})["hf_path"] = args.hf_model
         cfg = config_from_dict(raw)
+    if Path(cfg.model.hf_path).expanduser().is_dir() or \
+            cfg.model.hf_path.startswith((".", "/", "~")):
+        from memformers.hf.lm import resolve_model_source
+
+        resolve_model_source(cfg.model.hf_path)  # before the run directory is created
     return run_training(cfg, run_dir, args.resume, not args.no_progress)
 
 
