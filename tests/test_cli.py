@@ -73,6 +73,9 @@ def test_corrupt_checkpoint_is_reported(capsys, tiny_corpus, tmp_path):
     (run / "model.safetensors").write_bytes(b"not a safetensors file")
     capsys.readouterr()
     code, err = run_cli(capsys, "eval", str(run))
+    assert code == 2 and "does not match its recorded sha256" in err  # checked first
+    (run / "model.safetensors.sha256").unlink()  # weights saved without a digest
+    code, err = run_cli(capsys, "eval", str(run))
     assert code == 2 and "cannot read weights" in err
 
 

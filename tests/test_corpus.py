@@ -50,7 +50,7 @@ def read_all(corpus):
 def test_build_from_directory(tmp_path):
     texts = make_text_dir(tmp_path / "src")
     m = build_corpus(tmp_path / "c", tmp_path / "src", split="0.6,0.2,0.2", progress=False)
-    assert m["skipped"] == {"binary": 1, "undecodable": 1, "empty": 1}
+    assert m["skipped"] == {"binary": 1, "undecodable": 1, "empty": 1, "outside_links": 0}
     assert m["tokenizer"] == {"name": "byte", "vocab_size": 256}
     assert m["dtype"] == "uint16"
     assert sum(m["splits"][s]["documents"] for s in SPLITS) == len(texts)
@@ -95,7 +95,7 @@ def test_include_exclude_globs(tmp_path):
                      exclude=["**/sub/*"], split="1,0,0", progress=False)
     expected = {k for k in texts if k.startswith("pkg0/") and "/sub/" not in k}
     assert set(CorpusSplit.open(tmp_path / "c", "train").names) == expected
-    assert m["skipped"] == {"binary": 0, "undecodable": 0, "empty": 1}
+    assert m["skipped"] == {"binary": 0, "undecodable": 0, "empty": 1, "outside_links": 0}
     assert m["splits"]["valid"]["documents"] == 0
     assert CorpusSplit.open(tmp_path / "c", "valid").n_docs == 0
 
