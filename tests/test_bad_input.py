@@ -351,3 +351,12 @@ def test_more_bad_commands_are_one_line_and_change_nothing(capsys, trained_run, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert snapshot(trained_run) == before
+
+
+@pytest.mark.parametrize("args", [["eval", "somewhere", "--split", "foo"],
+                                  ["train", "--no-such-option"], ["no-such-command"]])
+def test_usage_errors_are_one_line(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")

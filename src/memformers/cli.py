@@ -359,8 +359,16 @@ def cmd_demo(args) -> int:
     return run_demo(quick=args.quick, out=args.out, progress=not args.no_progress)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (``error: ...; see PROG --help``), exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memformers", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="memformers", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model")

@@ -36,7 +36,7 @@ class ModelConfig:
     n_layers: int = 6
     d_model: int = 256
     n_heads: int = 8
-    head_dim: int = 32
+    head_dim: int = 32  # n_heads * head_dim need not equal d_model (W_q/W_o map between)
     d_ff: int = 1024
     ffn: str = "gelu"  # "gelu" | "swiglu"
     position: str = "t5"  # "t5" (relative bias, Memorizing Transformers) | "rope" | "none"
@@ -89,7 +89,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16" (also CPU)
     init_from: str = ""  # a run dir or model.safetensors to start from (fine-tuning)
     tensorboard: bool = False
     # multi-process runs (torchrun / --nproc; see train/distributed.py)

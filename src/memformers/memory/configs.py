@@ -17,7 +17,7 @@ class KNNConfig:
     # 9 of 12 (config.knn_default_layer)
     layers: list[int] = field(default_factory=list)
     capacity: int = 65536  # (key, value) pairs per (stream, head), FIFO
-    top_k: int = 32
+    top_k: int = 32  # retrieved per query; a memory holding fewer rows returns what it has
     backend: str = "exact"  # "exact" | "faiss"
     storage_dtype: str = "float16"  # "float16" | "bfloat16" | "float32"
     gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
