@@ -64,3 +64,26 @@ def test_shipped_names_load_like_run_directories():
     assert tok.vocab_size == 256
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_init_from_leaves_untrained_shipped_tensors_at_the_new_init(tiny_corpus, tmp_path):
+    """demo-base's kNN gate never trained (capacity 0): a fine-tune with gate_init=-2
+    starts the gate at -2, not at the stored 0; every trained tensor is loaded."""
+    from safetensors.torch import load_file
+
+    from memformers.train.trainer import Trainer
+
+    cfg = load_config("configs/demo/base.toml", [
+        f"data.corpus=\"{tiny_corpus}\"", "train.init_from='demo-base'", "train.steps=1",
+        "model.knn.capacity=64", "model.knn.gate_init=-2.0", "data.batch_size=2",
+        "data.segment_len=32"])
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    try:
+        state = tr.model.state_dict()
+        assert bool((state["blocks.2.attn.memory.gate"] == -2.0).all())
+        shipped = load_file(str(shipped_weights("demo-base")))
+        for name, t in shipped.items():
+            if name != "blocks.2.attn.memory.gate":
+                assert torch.equal(state[name], t.to(state[name].dtype)), name
+    finally:
+        tr.close()

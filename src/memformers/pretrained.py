@@ -43,6 +43,12 @@ def shipped_weights(name: str, verify: bool = True) -> Path:
     return path
 
 
+def untrained_tensors(value: str) -> set[str]:
+    """Tensors of shipped weights ``value`` that training never touched (e.g. the gate of a
+    kNN layer of capacity 0): ``train.init_from`` leaves them at the new config's init."""
+    return set(shipped_record(value).get("untrained", [])) if value in SHIPPED else set()
+
+
 def resolve_weights(value: str) -> Path:
     """``train.init_from``: a shipped name, a run directory or a .safetensors file."""
     if value in SHIPPED:

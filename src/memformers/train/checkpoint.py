@@ -161,7 +161,8 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
     save_tensors(model_tensors(model.state_dict()), path)
 
 
-def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> list[str]:
+def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True,
+                       skip: set[str] = frozenset()) -> list[str]:
     """Load safetensors weights; returns the model's keys the file did not have. Weights
     saved with ``save_tensors`` must match their recorded sha256."""
     digest = _digest_file(path)
@@ -173,6 +174,7 @@ def load_model_weights(model: torch.nn.Module, path: Path, strict: bool = True) 
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise MemformersError(f"cannot read weights {path}: {e}") from None
+    tensors = {k: v for k, v in tensors.items() if k not in skip}  # left at the model's init
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # a tensor of another shape: other sizes, another config

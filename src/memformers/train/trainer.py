@@ -44,7 +44,7 @@ from memformers.memory.state import (
 )
 from memformers.memory.xl_cache import XLCache
 from memformers.model import MemformerLM, build_model, lm_loss
-from memformers.pretrained import resolve_weights
+from memformers.pretrained import resolve_weights, untrained_tensors
 from memformers.train import distributed as D
 from memformers.train.checkpoint import (
     atomic_write_text,
@@ -339,7 +339,8 @@ class Trainer:
 
     def _init_from(self, value: str) -> None:
         weights = resolve_weights(value)
-        missing = load_model_weights(self.model, weights, strict=False)
+        missing = load_model_weights(self.model, weights, strict=False,
+                                     skip=untrained_tensors(value))
         if missing and self.dist.is_main:
             tqdm.write(f"init_from {weights}: new parameters left at init: {len(missing)} "
                        f"tensors ({', '.join(sorted({m.split('.')[-1] for m in missing}))})")
