@@ -432,7 +432,7 @@ def test_trainer_bptt_window_is_the_truncation(bptt, tiny_corpus, tmp_path):
         pos = torch.arange(n_tok * i, n_tok * (i + 1)).expand(2, n_tok)
         batches.append(Batch(tokens, targets, torch.ones_like(tokens, dtype=torch.bool),
                              torch.zeros(2, dtype=torch.bool), pos, torch.zeros(2).long()))
-    trainer.stream = iter(batches)
+    trainer.task.stream = iter(batches)
     for _ in range(n_seg // bptt):
         trainer.train_window()
 

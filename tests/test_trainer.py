@@ -17,8 +17,9 @@ from memformers.evaluate.lm import format_eval
 from memformers.memory.configs import InfiniConfig, KNNConfig
 from memformers.memory.state import collect_state_tensors
 from memformers.model import MemformerLM
+from memformers.runner import Segment
 from memformers.train.optim import lr_factor
-from memformers.train.trainer import Trainer, WindowLoss
+from memformers.train.trainer import Trainer, TrainWindow
 from tests.conftest import TINY_MODEL
 
 
@@ -140,8 +141,8 @@ def tiny_lm(**kw) -> MemformerLM:
                                    vocab_size=50, **kw))
 
 
-def window_segments(n: int, B: int = 2, L: int = 16, seed: int = 1) -> list[tuple]:
-    """(tokens, targets, new_doc, mask) x n; stream 1 starts a new document in segment 2
+def window_segments(n: int, B: int = 2, L: int = 16, seed: int = 1) -> list[Segment]:
+    """n segments; stream 1 starts a new document in segment 2
     and the last segment is partly padding."""
     g = torch.Generator().manual_seed(seed)
     segs = []
@@ -150,15 +151,15 @@ def window_segments(n: int, B: int = 2, L: int = 16, seed: int = 1) -> list[tupl
         if s == n - 1:
             mask[0, L // 2:] = False
         targets = torch.randint(0, 50, (B, L), generator=g).masked_fill(~mask, -100)
-        segs.append((torch.randint(0, 50, (B, L), generator=g), targets,
-                     torch.tensor([s == 0, s in (0, 2)]), mask))
+        segs.append(Segment(torch.randint(0, 50, (B, L), generator=g), targets, mask,
+                            torch.tensor([s == 0, s in (0, 2)])))
     return segs
 
 
 def run_windows(model, segs, bptt: int, checkpoint: bool):
     """The trainer's loop: windows of ``bptt`` segments, one backward each, then detach."""
     torch.manual_seed(5)  # same dropout masks in both runs
-    window = WindowLoss(model, nullcontext(), checkpoint_activations=checkpoint)
+    window = TrainWindow(model, nullcontext(), checkpoint_activations=checkpoint)
     losses = []
     for i in range(0, len(segs), bptt):
         total, _ = window(segs[i:i + bptt])
@@ -201,7 +202,7 @@ def test_checkpoint_activations_saves_no_activations_for_backward():
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        window = WindowLoss(model, nullcontext(), checkpoint_activations=checkpoint)
+        window = TrainWindow(model, nullcontext(), checkpoint_activations=checkpoint)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             total, _ = window(window_segments(3, L=64))
         total.backward()

@@ -135,6 +135,9 @@ def launch_processes(nproc: int, args) -> int:
 def cmd_train(args) -> int:
     from memformers.config import load_config
 
+    if args.task:  # before the --set items, which may still change it
+        args.set = [f"task.name={args.task}", *args.set]
+        args.task = None
     if args.nproc is not None:
         return launch_processes(args.nproc, args)
     run_dir = Path(args.run_dir)
@@ -150,7 +153,6 @@ def run_training(cfg, run_dir: Path, resume: bool, progress: bool) -> int:
 
     With several processes (torchrun) only rank 0 prints and writes.
     """
-    from memformers.evaluate.lm import format_eval
     from memformers.train.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
@@ -166,8 +168,8 @@ def run_training(cfg, run_dir: Path, resume: bool, progress: bool) -> int:
             return 0
         ev = trainer.evaluate()
         if main:
-            (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
-            print(format_eval(ev))
+            trainer.task.write_result(ev, run_dir)
+            print(trainer.task.format_result(ev))
             print(f"run saved in {run_dir}")
         return 0
     finally:
@@ -376,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.knn.layers=[4]")
     t.add_argument("--run-dir", default="runs/default")
+    t.add_argument("--task", choices=["lm", "passkey"],
+                   help="what to train on (sets task.name): lm = the corpus's documents "
+                        "(default), passkey = passkey prompts with the loss on the answer")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--nproc", type=int, metavar="N",

@@ -99,10 +99,25 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the trainer trains on (``tasks/``; ``memformers train --task NAME``)."""
+
+    name: str = "lm"  # "lm": the long documents of data.corpus | "passkey": passkey prompts
+    # passkey: training prompt lengths (tokens); the loss is on the answer only, and only the
+    # last train.bptt_segments segments of a prompt are trained (the earlier fill the memory)
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    eval_lengths: list[int] = field(default_factory=lambda: [4096, 16384, 65536])
+    eval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    eval_samples: int = 8  # prompts per (length, depth) cell
+    digits: int = 5  # passkey digits
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -277,6 +292,19 @@ def validate(cfg: RunConfig) -> None:
            "train.shard_pkm_values: FSDP2 has no sparse gradients")
     _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0 and d.eval_max_doc_tokens >= 0,
            "data.eval_max_docs, eval_max_tokens and eval_max_doc_tokens must be >= 0")
+    task = cfg.task
+    _choice(task.name, ("lm", "passkey"), "task.name")
+    for key in ("lengths", "eval_lengths"):
+        values = getattr(task, key)
+        _check(bool(values) and all(n > 0 for n in values),
+               f"task.{key} must be a non-empty list of positive lengths, got {values}")
+    _check(bool(task.eval_depths) and all(0 <= x <= 1 for x in task.eval_depths),
+           f"task.eval_depths must be a non-empty list of numbers in [0, 1], got "
+           f"{task.eval_depths}")
+    _check(task.eval_samples > 0 and task.digits > 0,
+           "task.eval_samples and task.digits must be positive")
+    _check(task.name == "lm" or not m.hf_path,
+           f"task '{task.name}' trains a memformers model, not a Hugging Face one")
 
     if m.hf_path:  # layer indices are checked against the HF model by add_memory
         _check(not (m.pkm.layers or m.continuous.layers or m.xl_cache),

@@ -33,23 +33,22 @@ import torch
 
 from memformers.data.corpus import CorpusSplit
 from memformers.errors import MemformersError
+from memformers.runner import Segment
 
 IGNORE_INDEX = -100
 STATE_VERSION = 1
 
 
 @dataclass
-class Batch:
-    tokens: torch.Tensor  # (B, L) int64 input ids (0 where mask is False)
-    targets: torch.Tensor  # (B, L) int64 next-token targets, -100 where no target
-    mask: torch.Tensor  # (B, L) bool, True for real input tokens
-    new_doc: torch.Tensor  # (B,) bool, row starts a new document: reset its state
-    doc_pos: torch.Tensor  # (B, L) int64 position of each input token in its doc, -1 on pad
-    doc_ids: torch.Tensor  # (B,) int64 document index in the split, -1 for an idle row
+class Batch(Segment):
+    """One segment of every stream (``runner.Segment``), with where it lies in its document.
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (
-            self.tokens, self.targets, self.mask, self.new_doc, self.doc_pos, self.doc_ids)))
+    tokens (B, L) int64 input ids (0 where mask is False); targets (B, L) int64 next-token
+    targets, -100 where no target; mask (B, L) bool, True for real input tokens; new_doc
+    (B,) bool, the row starts a new document: reset its state."""
+
+    doc_pos: torch.Tensor | None = None  # (B, L) int64 position of each input token, -1 on pad
+    doc_ids: torch.Tensor | None = None  # (B,) int64 document index in the split, -1: idle row
 
 
 class DocumentStreams:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from memformers.runner import Segment, SegmentRunner, segments_of
+
 
 def sample_next(
     logits: torch.Tensor,  # (B, V) logits of the last position
@@ -58,23 +60,23 @@ def feed_and_generate(
     if T == 0:
         raise ValueError("feed_and_generate needs a non-empty prompt")
     device = prompt_tokens.device
-    first = torch.full((B,), new_doc, dtype=torch.bool, device=device)
-    no_doc = torch.zeros(B, dtype=torch.bool, device=device)
     if new_doc:
         model.allocate_state(B, device)
-
-    calls = 0
-
-    def run(seg: torch.Tensor, commit: bool) -> torch.Tensor:  # last-position logits (B, V)
-        nonlocal calls
-        out = model(seg, new_doc=first if calls == 0 else no_doc, commit=commit)
-        calls += 1
-        return out[:, -1]
-
+    runner = SegmentRunner(model)
     n_full = T // segment_len
     last = None
-    for s in range(n_full):
-        last = run(prompt_tokens[:, s * segment_len:(s + 1) * segment_len], commit=True)
+    for _, logits, _ in runner.run(segments_of(prompt_tokens[:, :n_full * segment_len],
+                                               segment_len, new_doc=new_doc)):
+        last = logits[:, -1]  # (B, V)
+    # the first segment run flags the new document (when no full segment did)
+    first = torch.full((B,), new_doc and n_full == 0, dtype=torch.bool, device=device)
+
+    def run(seg: torch.Tensor, commit: bool) -> torch.Tensor:  # last-position logits (B, V)
+        nonlocal first
+        logits, _ = runner.forward(Segment(seg, new_doc=first, commit=commit))
+        first = torch.zeros_like(first)
+        return logits[:, -1]
+
     pending = prompt_tokens[:, n_full * segment_len:]  # (B, r), r < segment_len
 
     generated = torch.empty(B, n_new, dtype=torch.long, device=device)

@@ -15,7 +15,6 @@ all-reduced, so every rank returns the single-process numbers.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from memformers.data.streaming import DocumentStreams
 from memformers.memory.pkm import pkm_modules, pkm_usage_report, track_pkm_usage
-from memformers.memory.state import collect_state_tensors, load_collected_state_tensors
+from memformers.runner import SegmentRunner
 
 POSITION_BUCKETS = (0, 2048, 8192, 32768)
 
@@ -33,18 +32,6 @@ def bucket_names(edges=POSITION_BUCKETS) -> list[str]:
     def k(n: int) -> str:
         return f"{n // 1024}K" if n else "0"
     return [f"{k(a)}-{k(b)}" for a, b in zip(edges, edges[1:])] + [f"{k(edges[-1])}+"]
-
-
-@contextmanager
-def preserved_state(model):
-    """Run evaluation on fresh per-stream state, then give training its state back."""
-    saved, batch = collect_state_tensors(model), model._batch_size
-    try:
-        yield
-    finally:
-        if batch:
-            model.allocate_state(batch)
-            load_collected_state_tensors(model, saved)
 
 
 def _summary(nll: float, n_tok: int, n_bytes: int) -> dict:
@@ -65,8 +52,6 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     (for per-token loss-difference plots; only documents of this rank's streams).
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
                               doc_indices=list(range(n_docs)), rank=rank,
@@ -83,20 +68,16 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     if max_tokens:
         total = min(total, max_tokens)
     bar = tqdm(total=total, desc="eval", unit="tok", disable=not progress, leave=False)
-    ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+    runner = SegmentRunner(model, autocast)
     seen = 0
-    with preserved_state(model), track_pkm_usage(model):
-        model.allocate_state(len(streams.rows), device)
-        for batch in streams:
-            tokens, targets = batch.tokens.to(device), batch.targets.to(device)
-            with ctx:
-                logits = model(tokens, new_doc=batch.new_doc.to(device),
-                               mask=batch.mask.to(device))
+    with runner.fresh_state(len(streams.rows), device), track_pkm_usage(model):
+        for batch, logits, _ in runner.run(streams, device):
+            targets = batch.targets
             nll = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                 reduction="none").view_as(targets).double()  # (B, L)
             valid = targets != -100
-            pos = batch.doc_pos.to(device) + 1  # position of the predicted token
+            pos = batch.doc_pos + 1  # position of the predicted token
             b = torch.bucketize(pos, edges, right=True)
             w = valid.double()
             nll_sum.index_add_(0, b[valid], nll[valid])
@@ -119,7 +100,6 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
             if max_tokens and seen >= max_tokens:
                 break
     bar.close()
-    model.train(was_training)
     if world_size > 1:
         for t in (nll_sum, tok_sum, byte_sum):
             torch.distributed.all_reduce(t)

@@ -19,11 +19,7 @@ from tqdm import tqdm
 
 from memformers.errors import MemformersError
 from memformers.evaluate.generate import feed_and_generate
-from memformers.memory.state import (
-    collect_state_tensors,
-    iter_stream_states,
-    load_collected_state_tensors,
-)
+from memformers.runner import SegmentRunner
 from memformers.tasks.passkey import Tokenizer, make_passkey_example
 
 
@@ -58,15 +54,10 @@ def evaluate_passkey(
         raise MemformersError("passkey evaluation needs segment_len >= 1 and samples_per_cell >= 1")
     if not lengths or not depths:
         raise MemformersError("passkey evaluation needs at least one length and one depth")
-    was_training = model.training
-    saved_batch = getattr(model, "_batch_size", 0)
-    saved_state = collect_state_tensors(model) if saved_batch else None
-    model.eval()
-
     accuracy = np.zeros((len(lengths), len(depths)))
     seconds = np.zeros((len(lengths), len(depths)))
     cells = [(i, j) for i in range(len(lengths)) for j in range(len(depths))]
-    try:
+    with SegmentRunner(model).fresh_state(samples_per_cell, device):
         for i, j in tqdm(cells, desc="passkey", disable=not progress):
             rng = np.random.default_rng([seed, int(lengths[i]), j])
             examples = [make_passkey_example(tokenizer, int(lengths[i]), float(depths[j]), rng,
@@ -78,13 +69,6 @@ def evaluate_passkey(
             seconds[i, j] = (time.perf_counter() - start) / samples_per_cell
             hits = [_is_correct(tokenizer, g, e.answer, e.key) for g, e in zip(generated, examples)]
             accuracy[i, j] = float(np.mean(hits))
-    finally:
-        model.train(was_training)
-        if saved_state is not None:
-            model.allocate_state(saved_batch, device)
-            load_collected_state_tensors(model, saved_state)
-        elif any(True for _ in iter_stream_states(model)):
-            model.allocate_state(max(saved_batch, 1), device)
 
     return {
         "lengths": [int(n) for n in lengths],

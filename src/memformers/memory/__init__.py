@@ -44,6 +44,19 @@ def build_attention_memory(model_cfg, layer: int) -> AttentionMemory | None:
     return None
 
 
+def configured_mechanisms(model_cfg) -> list[str]:
+    """The long-term memories ``model_cfg`` places in layers, by registry name (and pkm)."""
+    return [name for name in (*ATTENTION_MEMORIES, "pkm") if getattr(model_cfg, name).layers]
+
+
+def resolve_for_device(model_cfg, device, train_cfg) -> None:
+    """Settings a mechanism chooses per device ("auto"), resolved in place before the model
+    is built: today product keys' ``sparse`` (SparseAdam on one CPU process)."""
+    from memformers.memory.pkm import resolve_sparse
+
+    model_cfg.pkm = resolve_sparse(model_cfg.pkm, device, train_cfg)
+
+
 def build_ffn(model_cfg, layer: int, shared: dict) -> nn.Module:
     """The layer's FFN: a product-key memory if listed in ``model.pkm.layers``."""
     from memformers.model.ffn import MLP
@@ -56,4 +69,4 @@ def build_ffn(model_cfg, layer: int, shared: dict) -> nn.Module:
 
 
 __all__ = ["AttentionMemory", "StreamState", "attention_memory_class", "build_attention_memory",
-           "build_ffn"]
+           "build_ffn", "configured_mechanisms", "resolve_for_device"]

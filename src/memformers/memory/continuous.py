@@ -60,6 +60,7 @@ def gaussian_kl(mu: torch.Tensor, var: torch.Tensor, mu0: float, sigma0: float) 
 
 
 class ContinuousMemory(AttentionMemory):
+    state_kind = "continuous"
     carried = ("coef", "filled", "hist", "aux_loss")  # all rebound, never written in place
 
     def __init__(self, cfg: ContinuousConfig, *, n_heads: int, head_dim: int, d_model: int):

@@ -60,6 +60,7 @@ def read_memory(s: torch.Tensor, M: torch.Tensor, z: torch.Tensor, eps: float) -
 
 class InfiniMemory(AttentionMemory):
     """Per-head compressive memory gated with local attention (Infini-attention)."""
+    state_kind = "infini"
 
     carried = ("M", "z")  # updated out of place: references are snapshots
 
@@ -120,6 +121,10 @@ class InfiniMemory(AttentionMemory):
 
     def state_bytes_per_stream(self) -> int:
         return self.n_heads * self.head_dim * (self.head_dim + 1) * 4  # float32 M and z
+
+    def describe_state(self, segment_len: int, itemsize: int = 4) -> str:
+        """Constant, whatever the context length: M and z of every head (docs/infini.md)."""
+        return f"{self.n_heads} heads x {self.head_dim} x ({self.head_dim} + 1) x 4 B"
 
     # ----------------------------------------------------------------- forward
 

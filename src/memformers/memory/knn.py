@@ -33,6 +33,7 @@ from memformers.memory.state import remember, replaying
 
 
 class KNNMemoryAttention(AttentionMemory):
+    state_kind = "knn"
     may_skip_parameters = True  # the gate is unused while every memory is empty
 
     def __init__(self, cfg: KNNConfig, *, n_heads: int, head_dim: int, d_model: int):

@@ -167,6 +167,7 @@ class IVFSearch:
 
 class KNNLM(StreamState, nn.Module):
     """The kNN-LM head; ``forward(logits, h, tokens, mask, commit) -> log p``. No parameters."""
+    state_kind = "knnlm"
 
     def __init__(self, cfg: KNNLMConfig, d_model: int):
         super().__init__()

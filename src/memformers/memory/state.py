@@ -11,7 +11,10 @@ memory, a continuous memory -- implements ``StreamState``:
 * ``state_tensors()`` / ``load_state_tensors()``  save/load as plain tensors
   (safetensors-friendly, so memories can be checkpointed and inspected), every
   one with the stream as its first dimension; zeros are the empty state
-* ``state_bytes_per_stream()``     footprint, for reports and up-front checks
+* ``state_bytes_per_stream()``     footprint of the state held now
+* ``planned_state_bytes(segment_len, itemsize)``  footprint once a stream is under way,
+  known before anything is allocated (for the memory budget and the state report), and
+  ``state_kind`` / ``describe_state(...)`` to name it in that report
 
 Modules own their state; the model finds them with ``iter_stream_states``.
 Writing state only happens when the forward pass is told to ``commit`` the
@@ -84,6 +87,19 @@ class StreamState:
 
     def state_bytes_per_stream(self) -> int:
         raise NotImplementedError
+
+    # what the state report calls this state (memories: their registry name)
+    state_kind = "state"
+
+    def planned_state_bytes(self, segment_len: int, itemsize: int = 4) -> int:
+        """Bytes per stream once a stream is under way (``segment_len`` tokens per segment,
+        activations of ``itemsize`` bytes); known from the configuration alone, before
+        any state is allocated (works on the meta device)."""
+        return self.state_bytes_per_stream()
+
+    def describe_state(self, segment_len: int, itemsize: int = 4) -> str:
+        """How ``planned_state_bytes`` adds up, for one module, in words."""
+        return f"{self.planned_state_bytes(segment_len, itemsize):,} B"
 
 
 def iter_stream_states(model: nn.Module) -> Iterator[tuple[str, StreamState]]:
@@ -202,6 +218,29 @@ def load_collected_state_tensors(model: nn.Module, tensors: dict[str, torch.Tens
 
 def state_bytes_per_stream(model: nn.Module) -> int:
     return sum(s.state_bytes_per_stream() for _, s in iter_stream_states(model))
+
+
+def planned_state_bytes(model: nn.Module, segment_len: int, itemsize: int = 4) -> int:
+    """Per-stream state bytes of every state of ``model`` once streams are under way."""
+    return sum(s.planned_state_bytes(segment_len, itemsize) for _, s in iter_stream_states(model))
+
+
+def state_report(model: nn.Module, segment_len: int, n_streams: int, itemsize: int = 4) -> str:
+    """One line: the per-stream state bytes of each kind of state, printed before training
+    (each module's ``planned_state_bytes`` and ``describe_state``)."""
+    kinds: dict[str, list[StreamState]] = {}
+    for _, s in iter_stream_states(model):
+        kinds.setdefault(s.state_kind, []).append(s)
+    if not kinds:
+        return "per-stream state: none"
+    parts, total = [], 0
+    for kind, mods in kinds.items():
+        size = sum(s.planned_state_bytes(segment_len, itemsize) for s in mods)
+        n = f"{len(mods)} layer{'s' if len(mods) > 1 else ''}"
+        parts.append(f"{kind} {size:,} B ({n} x {mods[0].describe_state(segment_len, itemsize)})")
+        total += size
+    return (f"per-stream state: {'; '.join(parts)}; in all {total:,} B per stream, "
+            f"{total * n_streams:,} B for {n_streams} streams")
 
 
 # ------------------------------------------------------------------------ activation checkpointing

@@ -16,6 +16,7 @@ from memformers.memory.state import StreamState
 
 class XLCache(StreamState, nn.Module):
     carried = ("keys", "values", "valid")
+    state_kind = "xl_cache"
 
     def __init__(self, n_heads: int, head_dim: int):
         super().__init__()
@@ -63,3 +64,12 @@ class XLCache(StreamState, nn.Module):
             return 0
         return (self.keys[0].numel() + self.values[0].numel()) * self.keys.element_size() \
             + self.valid.shape[1]
+
+    def planned_state_bytes(self, segment_len: int, itemsize: int = 4) -> int:
+        """Keys and values of one segment, plus its validity flags (empty until the first
+        segment is written)."""
+        return 2 * self.n_heads * segment_len * self.head_dim * itemsize + segment_len
+
+    def describe_state(self, segment_len: int, itemsize: int = 4) -> str:
+        return (f"(2 x {self.n_heads} heads x {segment_len} x {self.head_dim} x {itemsize} B "
+                f"+ {segment_len})")

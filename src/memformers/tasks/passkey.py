@@ -196,3 +196,86 @@ def build_passkey_corpus(out_dir, n_docs: int, min_len: int, max_len: int, *,
                 f.write(json.dumps({"name": name, "text": text}) + "\n")
         return build_corpus(out_dir, str(src), tokenizer=tokenizer, split="1,0,0",
                             overwrite=overwrite, progress=False)
+
+
+class PasskeyTask:
+    """Fine-tuning on passkey prompts (``memformers train --task passkey``).
+
+    Every window is one batch of prompts of a length drawn from ``task.lengths``, needle
+    depths uniform in [0, 1], the loss on the answer tokens only. The prompt is fed
+    segment by segment from a fresh state; only its last ``train.bptt_segments``
+    segments are trained with gradient (through a differentiable memory state, e.g.
+    Infini-attention, that is backpropagation through time), the earlier ones only
+    fill the XL cache and the long-term memory. Evaluation is the passkey grid
+    (``evaluate.passkey``) at ``task.eval_lengths`` x ``task.eval_depths``, with prompts
+    never seen in training.
+    """
+
+    name = "passkey"
+
+    def __init__(self, tokenizer: Tokenizer, *, batch_size: int, segment_len: int,
+                 lengths: list[int], grad_segments: int, eval_lengths: list[int],
+                 eval_depths: list[float], eval_samples: int, digits: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.tokenizer, self.segment_len, self.digits = tokenizer, segment_len, digits
+        self.batch_size = batch_size // world_size  # this process's streams
+        self.lengths, self.grad_segments = lengths, grad_segments
+        self.eval_lengths, self.eval_depths = eval_lengths, eval_depths
+        self.eval_samples, self.seed = eval_samples, seed
+        self.length_rng = np.random.default_rng(seed)  # the same on every process
+        self.rng = np.random.default_rng([seed, rank])  # this process's prompts
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, *, rank: int = 0, world_size: int = 1
+                    ) -> PasskeyTask:
+        t = cfg.task
+        return cls(tokenizer, batch_size=cfg.data.batch_size, segment_len=cfg.data.segment_len,
+                   lengths=t.lengths, grad_segments=cfg.train.bptt_segments,
+                   eval_lengths=t.eval_lengths, eval_depths=t.eval_depths,
+                   eval_samples=t.eval_samples, digits=t.digits, seed=cfg.train.seed,
+                   rank=rank, world_size=world_size)
+
+    def next_window(self):
+        import torch
+
+        from memformers.runner import segments_of
+
+        n = int(self.length_rng.choice(self.lengths))
+        tokens, targets = passkey_training_batch(self.tokenizer, self.batch_size, n, self.rng,
+                                                 digits=self.digits)
+        return segments_of(torch.as_tensor(tokens), self.segment_len, torch.as_tensor(targets),
+                           grad_segments=self.grad_segments)
+
+    def state_dict(self) -> dict:
+        return {"length_rng": self.length_rng.bit_generator.state,
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.length_rng.bit_generator.state = state["length_rng"]
+        self.rng.bit_generator.state = state["rng"]
+
+    def evaluate(self, runner, *, progress: bool = True) -> dict:
+        from memformers.evaluate.passkey import evaluate_passkey
+
+        with runner.autocast:
+            return evaluate_passkey(runner.model, self.tokenizer, self.eval_lengths,
+                                    self.eval_depths, segment_len=self.segment_len,
+                                    samples_per_cell=self.eval_samples,
+                                    device=next(runner.model.parameters()).device,
+                                    progress=progress, digits=self.digits,
+                                    seed=10_000 + self.seed)  # prompts never trained on
+
+    def format_result(self, result: dict) -> str:
+        from memformers.evaluate.passkey import passkey_table
+
+        return "passkey exact match:\n" + passkey_table(result)
+
+    def write_result(self, result: dict, run_dir) -> None:
+        """eval.json and its heatmap eval.png."""
+        import json
+
+        from memformers.evaluate.passkey import plot_passkey_file
+        from memformers.train.checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+        plot_passkey_file(run_dir / "eval.json")

@@ -27,25 +27,23 @@ import torch
 from tqdm import tqdm
 
 from memformers.config import RunConfig, to_dict
-from memformers.data.corpus import CorpusSplit, open_corpus_manifest
-from memformers.data.streaming import DocumentStreams
-from memformers.data.tokenizer import load_tokenizer
+from memformers.data.corpus import open_corpus_manifest
+from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
 from memformers.errors import MemformersError
-from memformers.evaluate.lm import evaluate_lm, format_eval
-from memformers.memory import ATTENTION_MEMORIES
+from memformers.memory import configured_mechanisms, resolve_for_device
 from memformers.memory.base import AttentionMemory
-from memformers.memory.pkm import resolve_sparse
 from memformers.memory.state import (
-    checkpoint_segment,
     collect_state_tensors,
-    iter_stream_states,
     load_collected_state_tensors,
+    planned_state_bytes,
     state_bytes_per_stream,
+    state_report,
 )
-from memformers.memory.xl_cache import XLCache
-from memformers.model import MemformerLM, build_model, lm_loss
+from memformers.model import MemformerLM, build_model
 from memformers.pretrained import resolve_weights, untrained_tensors
-from memformers.train import distributed as D
+from memformers.runner import Segment, SegmentRunner
+from memformers.tasks.base import build_task
+from memformers.train import distributed
 from memformers.train.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
@@ -62,7 +60,7 @@ from memformers.train.checkpoint import (
 from memformers.train.distributed import resolve_device
 from memformers.train.optim import build_optimizers, set_lr
 
-__all__ = ["Trainer", "WindowLoss", "autocast_for", "gate_report", "resolve_device",
+__all__ = ["Trainer", "TrainWindow", "autocast_for", "gate_report", "resolve_device",
            "state_report"]
 
 
@@ -80,53 +78,9 @@ def gate_report(model: torch.nn.Module) -> dict[str, list[float]]:
         if isinstance(m, AttentionMemory):
             g = m.gate_values()
             if g is not None:  # FSDP2 shards gates: gathered (every rank calls this)
-                out[name.replace(".attn.memory", "")] = [round(float(x), 4)
-                                                         for x in D.full_tensor(g)]
+                out[name.replace(".attn.memory", "")] = [
+                    round(float(x), 4) for x in distributed.full_tensor(g)]
     return out
-
-
-def state_report(model: torch.nn.Module, segment_len: int, n_streams: int,
-                 cache_itemsize: int = 4) -> str:
-    """One line: the per-stream state bytes of each memory mechanism, printed before training.
-
-    Infini-attention: layers x H x d_k x (d_v + 1) x 4 B (float32 M and z; docs/infini.md),
-    whatever the context length. The XL cache is empty until the first segment:
-    layers x 2 (keys, values) x H x segment_len x d x ``cache_itemsize`` + segment_len
-    (validity flags). kNN and continuous memories: their own ``state_bytes_per_stream``.
-    """
-    kinds = {path: name for name, path in ATTENTION_MEMORIES.items()}
-    layers: dict[str, list] = {}
-    for _, s in iter_stream_states(model):
-        kind = kinds.get(f"{type(s).__module__}:{type(s).__name__}", type(s).__name__)
-        layers.setdefault("xl_cache" if isinstance(s, XLCache) else kind, []).append(s)
-    if not layers:
-        return "per-stream state: none"
-    parts, total = [], 0
-    for kind, mods in layers.items():
-        m, n = mods[0], f"{len(mods)} layer{'s' if len(mods) > 1 else ''}"
-        if kind == "xl_cache":
-            size = len(mods) * (2 * m.n_heads * segment_len * m.head_dim * cache_itemsize
-                                + segment_len)
-            how = (f"{n} x (2 x {m.n_heads} heads x {segment_len} x {m.head_dim} x "
-                   f"{cache_itemsize} B + {segment_len})")
-        else:
-            size = sum(s.state_bytes_per_stream() for s in mods)
-            how = (f"{n} x {m.n_heads} heads x {m.head_dim} x ({m.head_dim} + 1) x 4 B"
-                   if kind == "infini" else n)
-        parts.append(f"{kind} {size:,} B ({how})")
-        total += size
-    return (f"per-stream state: {'; '.join(parts)}; in all {total:,} B per stream, "
-            f"{total * n_streams:,} B for {n_streams} streams")
-
-
-def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
-    """Auxiliary losses a memory may expose (e.g. the infinity-former's KL term)."""
-    total = 0.0
-    for m in model.modules():
-        aux = getattr(m, "aux_loss", None)
-        if isinstance(aux, torch.Tensor):
-            total = total + aux
-    return total
 
 
 def available_memory() -> int | None:
@@ -144,34 +98,20 @@ def available_memory() -> int | None:
         return None
 
 
-def check_memory_budget(model_cfg, batch_size: int, n_params: int,
-                        state_bytes: int | None = None, segment_len: int = 0) -> int:
+def check_memory_budget(model_cfg, batch_size: int, n_params: int, state_bytes: int,
+                        segment_len: int = 0) -> int:
     """Estimate bytes needed (weights, grads, Adam, per-stream state, one segment's
     activations) and refuse impossible runs before anything is allocated.
 
-    ``state_bytes``: the per-stream state of a built model (a Hugging Face model,
-    whose memories are not described by ``model_cfg``); else the kNN memories, the XL
-    caches and the kNN-LM datastore of ``model_cfg``."""
+    ``state_bytes``: the per-stream state of all ``batch_size`` streams, as the model's
+    memories plan it (``memory.state.planned_state_bytes``)."""
     m, L = model_cfg, segment_len
     need = n_params * 4 * 4  # weights + grads + 2 Adam moments
     # activations kept for backward, per stream: every layer's residual-stream tensors and
     # attention scores over the segment (+ XL cache), float32 -- a lower bound
     keys = 2 * L if m.xl_cache else L
     need += batch_size * m.n_layers * L * (12 * m.d_model + m.d_ff + 2 * m.n_heads * keys) * 4
-    if state_bytes is not None:
-        need += state_bytes
-    else:
-        if m.knn.layers:
-            from memformers.memory.knn import knn_footprint_bytes
-
-            need += knn_footprint_bytes(m.knn, m.n_heads, m.head_dim, batch_size,
-                                        len(m.knn.layers))
-        if m.xl_cache:
-            need += batch_size * m.n_layers * 2 * m.n_heads * L * m.head_dim * 4
-        if m.knnlm.capacity:
-            from memformers.memory.knnlm import KNNLM
-
-            need += batch_size * KNNLM.bytes_per_stream(m.knnlm, m.d_model)
+    need += state_bytes
     total = available_memory()
     if total is None:
         return need
@@ -183,40 +123,30 @@ def check_memory_budget(model_cfg, batch_size: int, n_params: int,
     return need
 
 
-class WindowLoss(torch.nn.Module):
-    """One window -- ``bptt_segments`` consecutive segments -- as ONE forward.
+class TrainWindow(torch.nn.Module):
+    """One BPTT window -- consecutive segments of every stream -- as ONE forward.
 
-    Returns (summed token loss + auxiliary losses, target tokens as a 0-d tensor). DDP wraps this
-    module rather than the LM, so one forward/backward pair covers the window and
-    DDP's unused-parameter search sees every segment's graph.
+    ``forward(segments)`` returns ``(loss_sum, n_targets)``: the summed token loss plus the
+    auxiliary losses, and the number of scored tokens as a 0-d tensor
+    (``SegmentRunner.loss``). DDP wraps this module rather than the LM, so one
+    forward/backward pair covers the window and DDP's unused-parameter search sees every
+    segment's graph.
 
     ``checkpoint_activations``: each segment keeps no activations for backward, which
     runs it again (``memory.state.checkpoint_segment``): activation memory is then
-    one segment's, not ``bptt_segments``', for about one more forward of compute
+    one segment's, not the window's, for about one more forward of compute
     (kNN layers still keep the keys and values they retrieved).
     """
 
     def __init__(self, model: MemformerLM, autocast, world_size: int = 1,
                  checkpoint_activations: bool = False):
         super().__init__()
-        self.model, self.autocast, self.world_size = model, autocast, world_size
-        self.checkpoint_activations = checkpoint_activations
+        self.model, self.world_size = model, world_size
+        self.runner = SegmentRunner(model, autocast, checkpoint_activations)
 
-    def forward(self, segments: list[tuple[torch.Tensor, ...]]):
-        total, n_tok = 0, 0  # n_tok stays on the device: no host sync per segment
-        run = checkpoint_segment if self.checkpoint_activations else _call
-        for tokens, targets, new_doc, mask in segments:
-            with self.autocast:
-                logits = run(self.model, tokens, new_doc=new_doc, mask=mask)
-            # auxiliary losses are means over a rank's tokens: averaged over ranks
-            total = total + lm_loss(logits, targets, reduction="sum") \
-                + aux_losses(self.model) / self.world_size
-            n_tok = n_tok + (targets != -100).sum()
-        return total, n_tok
-
-
-def _call(model: torch.nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
-    return model(tokens, **kwargs)
+    def forward(self, segments: list[Segment]):
+        # auxiliary losses are means over a rank's tokens: averaged over ranks
+        return self.runner.loss(segments, aux_scale=1 / self.world_size)
 
 
 class Trainer:
@@ -237,8 +167,7 @@ class Trainer:
 
     def _build(self, cfg: RunConfig, resume: bool, progress: bool) -> None:
         self.corpus_dir = Path(cfg.data.corpus)
-        manifest = open_corpus_manifest(self.corpus_dir)
-        self.tokenizer = load_tokenizer(self.corpus_dir)
+        manifest, self.tokenizer = self._open_corpus(cfg)
         cfg.model.vocab_size = self.tokenizer.vocab_size
 
         saved_cfg = self.run_dir / "config.json"
@@ -249,7 +178,7 @@ class Trainer:
                                   "continue it or choose another --run-dir")
         self.cfg = cfg
         t, B = cfg.train, cfg.data.batch_size
-        self.dist = env = D.init_distributed(t.device)
+        self.dist = env = distributed.init_distributed(t.device)
         if B % env.world_size:
             raise MemformersError(f"data.batch_size ({B}) is the global number of streams and "
                                   f"must be divisible by the number of processes "
@@ -258,23 +187,19 @@ class Trainer:
         self.device = env.device
         self.autocast = autocast_for(self.device, t.precision)
         B_rank = B // env.world_size
-        cfg.model.pkm = resolve_sparse(cfg.model.pkm, self.device, t)  # "auto" -> the device's
+        resolve_for_device(cfg.model, self.device, t)  # "auto" settings -> the device's
         torch.manual_seed(t.seed)
-        if cfg.model.hf_path:  # a Hugging Face model (memformers.hf.lm), on the CPU first
-            model = build_model(cfg.model, self.tokenizer)
-            self.state_need = check_memory_budget(
-                cfg.model, B_rank, model.num_parameters(),
-                state_bytes_per_stream(model) * B_rank, cfg.data.segment_len)
-            self.model = model.to(self.device)
-        else:
-            with torch.device("meta"):  # count parameters without allocating them
-                n_params = MemformerLM(cfg.model).num_parameters()
-            self.state_need = check_memory_budget(cfg.model, B_rank, n_params,
-                                                  segment_len=cfg.data.segment_len)
-            self.model = MemformerLM(cfg.model).to(self.device)
+        hf = bool(cfg.model.hf_path)  # a Hugging Face model is built on the CPU first
+        with nullcontext() if hf else torch.device("meta"):  # plan without allocating
+            planned = build_model(cfg.model, self.tokenizer)
+        self.state_need = check_memory_budget(
+            cfg.model, B_rank, planned.num_parameters(),
+            planned_state_bytes(planned, cfg.data.segment_len) * B_rank, cfg.data.segment_len)
+        self.model = (planned if hf else build_model(cfg.model, self.tokenizer)).to(self.device)
+        del planned
         if env.world_size > 1:
             torch.manual_seed(t.seed + env.rank)  # same init everywhere, own dropout masks
-        self.sharded = D.is_sharded(t, env)
+        self.sharded = distributed.is_sharded(t, env)
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -285,28 +210,20 @@ class Trainer:
             load_model_weights(self.model, ckpt / "model.safetensors")
         elif t.init_from:
             self._init_from(t.init_from)
-        self.window = WindowLoss(self.model, self.autocast, env.world_size,
-                                 t.checkpoint_activations)
-        self.wrapped = D.wrap(self.window, self.model, t, env)  # FSDP2 shards self.model
+        self.window = TrainWindow(self.model, self.autocast, env.world_size,
+                                  t.checkpoint_activations)
+        self.runner = self.window.runner
+        self.wrapped = distributed.wrap(self.window, self.model, t, env)  # FSDP2 shards
         self.optimizers = build_optimizers(self.model, t)
-        self.train_split = CorpusSplit.concat(
-            [CorpusSplit.open(d, "train") for d in [self.corpus_dir, *cfg.data.mix]])
-        self.eval_split = CorpusSplit.open(self.corpus_dir, cfg.data.eval_split)
-        if self.eval_split.n_docs == 0:  # fail now, not at the final evaluation
-            raise MemformersError(f"the {cfg.data.eval_split} split of {self.corpus_dir} has no "
-                                  f"documents: rebuild the corpus with a --split that gives "
-                                  f"it some, or set data.eval_split")
-        self.stream = DocumentStreams(self.train_split, B, cfg.data.segment_len,
-                                      shuffle=True, seed=t.seed, loop=True,
-                                      min_doc_tokens=cfg.data.min_doc_tokens,
-                                      rank=env.rank, world_size=env.world_size)
+        self.task = build_task(cfg, self.tokenizer, rank=env.rank, world_size=env.world_size)
         self.model.allocate_state(B_rank, self.device)
         self.step = 0
         self.tokens_seen = 0
         if resume:
-            D.load_optimizer_state(self.model, self.optimizers, optim_state, self.sharded)
+            distributed.load_optimizer_state(self.model, self.optimizers, optim_state,
+                                             self.sharded)
             self.step, self.tokens_seen = meta["step"], meta.get("tokens_seen", 0)
-            self.stream.load_state_dict(meta["data_state"])
+            self.task.load_state_dict(meta["data_state"])
             streams = load_rank_state(ckpt, env.rank)
             if streams:
                 load_collected_state_tensors(self.model, streams)
@@ -319,12 +236,22 @@ class Trainer:
         elif env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(saved_cfg, json.dumps(to_dict(cfg), indent=2))
-            atomic_write_text(self.run_dir / "corpus.json", json.dumps(manifest, indent=2))
+            if manifest is not None:
+                atomic_write_text(self.run_dir / "corpus.json", json.dumps(manifest, indent=2))
             tok_file = self.corpus_dir / "tokenizer.json"
-            if tok_file.is_file():  # a BPE tokenizer is saved with the run
+            if manifest is not None and tok_file.is_file():  # a BPE tokenizer: kept with it
                 shutil.copy(tok_file, self.run_dir / "tokenizer.json")
         env.barrier()
         self._stop = False
+
+    def _open_corpus(self, cfg: RunConfig):
+        """(the corpus manifest, its tokenizer). A task that needs no documents (passkey)
+        runs without a corpus: then (None, the byte tokenizer)."""
+        if cfg.task.name != "lm" and not (self.corpus_dir / "manifest.json").is_file():
+            tqdm.write(f"task {cfg.task.name}: no corpus at {self.corpus_dir}; using the byte "
+                       "tokenizer")
+            return None, ByteTokenizer()
+        return open_corpus_manifest(self.corpus_dir), load_tokenizer(self.corpus_dir)
 
     def _check_resumable(self, ckpt: Path, meta: dict) -> None:
         world, saved_world = self.dist.world_size, meta["world_size"]
@@ -347,7 +274,7 @@ class Trainer:
 
     def close(self) -> None:
         """Leave the process group (a no-op in a single process); release the run lock."""
-        D.close_distributed(self.dist)
+        distributed.close_distributed(self.dist)
         self.close_lock()
 
     def close_lock(self) -> None:
@@ -367,8 +294,7 @@ class Trainer:
             return (f"{self.model.describe()}; estimated footprint "
                     f"{self.state_need / 2**20:.0f} MiB (weights, optimiser, memories)\n"
                     f"{state}")
-        mech = [k for k in ("knn", "pkm", "infini", "continuous")
-                if getattr(c.model, k).layers]
+        mech = configured_mechanisms(c.model)
         text = (f"model: {n / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
                 f"{c.model.d_model}, xl_cache={c.model.xl_cache}, memory: "
                 f"{', '.join(mech) or 'none'}; estimated footprint "
@@ -376,25 +302,22 @@ class Trainer:
         if env.enabled:
             shard = " + sharded PKM values" if c.train.shard_pkm_values else ""
             text += (f"\n{env.world_size} processes ({c.train.parallel}{shard}, "
-                     f"{D.backend()} on {self.device.type}), "
+                     f"{distributed.backend()} on {self.device.type}), "
                      f"{c.data.batch_size // env.world_size} of "
                      f"{c.data.batch_size} streams and their memories each")
         return text
 
     def train_window(self, sync: bool = True) -> tuple[float, int]:
-        """bptt_segments consecutive segments, one backward; returns the (loss sum,
-        tokens) of the whole global batch. ``sync=False``: no gradient communication."""
-        segments = []
-        for _ in range(self.cfg.train.bptt_segments):
-            b = next(self.stream)
-            segments.append(tuple(x.to(self.device)
-                                  for x in (b.tokens, b.targets, b.new_doc, b.mask)))
-        with D.gradient_sync(self.wrapped, self.model, sync):
+        """The task's next window, one backward; returns the (loss sum, tokens) of the whole
+        global batch. ``sync=False``: no gradient communication."""
+        segments = [seg.to(self.device) for seg in self.task.next_window()]
+        with distributed.gradient_sync(self.wrapped, self.model, sync):
             total, n_tok = self.wrapped(segments)
             loss_sum, n_global = self.dist.sum([float(total.detach()), float(n_tok)])
             # mean over the global batch's tokens: DDP/FSDP average over ranks, hence x N
             scale = self.cfg.train.grad_accum * max(n_global, 1) / self.dist.world_size
-            (total / scale).backward()
+            if total.requires_grad:  # a window with no scored token has nothing to learn
+                (total / scale).backward()
         self.model.detach_state()
         return loss_sum, int(n_global)
 
@@ -427,7 +350,7 @@ class Trainer:
                                           "train.lr or check the data")
                 dense = [p for p in self.model.parameters()
                          if p.grad is not None and not p.grad.is_sparse]
-                gnorm = D.clip_grad_norm(dense, t.grad_clip or math.inf)  # 0: no clipping
+                gnorm = distributed.clip_grad_norm(dense, t.grad_clip or math.inf)  # 0: no clipping
                 for opt in self.optimizers:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -454,7 +377,7 @@ class Trainer:
                     if main:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
-                        tqdm.write(f"step {self.step}: " + format_eval(ev))
+                        tqdm.write(f"step {self.step}: " + self.task.format_result(ev))
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.checkpoint()
                 stop = self.dist.any(self._stop)
@@ -473,16 +396,16 @@ class Trainer:
         return last
 
     def save_model(self, path: Path) -> None:
-        state = D.full_model_state(self.model, self.sharded)  # gathered under FSDP2
+        state = distributed.full_model_state(self.model, self.sharded)  # gathered under FSDP2
         if self.dist.is_main:
             save_tensors(model_tensors(state), path)
         self.dist.barrier()
 
     def checkpoint(self) -> Path:
         env, t = self.dist, self.cfg.train
-        model_state = D.full_model_state(self.model, self.sharded)
-        optim_state = D.optimizer_state(self.model, self.optimizers, self.sharded)
-        meta = {"data_state": self.stream.state_dict(), "tokens_seen": self.tokens_seen,
+        model_state = distributed.full_model_state(self.model, self.sharded)
+        optim_state = distributed.optimizer_state(self.model, self.optimizers, self.sharded)
+        meta = {"data_state": self.task.state_dict(), "tokens_seen": self.tokens_seen,
                 "state_bytes_per_stream": state_bytes_per_stream(self.model),
                 "world_size": env.world_size, "stream_state": t.save_stream_state,
                 "optim_format": "dcp-full" if self.sharded else "per-optimizer"}
@@ -492,12 +415,6 @@ class Trainer:
             stream_tensors=collect_state_tensors(self.model) if t.save_stream_state else {})
 
     def evaluate(self, **kw) -> dict:
-        """Held-out evaluation; with several processes each streams its share of the
-        documents and the sums are all-reduced (every rank gets the same result)."""
-        d = self.cfg.data
-        return evaluate_lm(self.model, self.eval_split, self.tokenizer.token_bytes,
-                           batch_size=d.batch_size, segment_len=d.segment_len,
-                           max_docs=d.eval_max_docs, max_tokens=d.eval_max_tokens,
-                           max_doc_tokens=d.eval_max_doc_tokens,
-                           autocast=self.autocast, progress=self.progress,
-                           rank=self.dist.rank, world_size=self.dist.world_size, **kw)
+        """The task's evaluation (held-out loss for ``lm``); with several processes every
+        rank takes part and gets the same result."""
+        return self.task.evaluate(self.runner, progress=self.progress, **kw)
