@@ -15,17 +15,14 @@ import pytest
 import torch
 
 from memformers.compare.cli import add_compare_subparser
-from memformers.compare.harness import (
-    compare_config_from_dict,
-    load_compare_config,
-    run_compare,
-)
+from memformers.compare.harness import run_compare
 from memformers.compare.report import (
     choose_loss_pair,
     loss_difference,
     print_table,
     write_report,
 )
+from memformers.compare.spec import compare_config_from_dict, load_compare_config
 from memformers.errors import MemformersError
 from memformers.memory.base import AttentionMemory
 from tests.conftest import TINY_MODEL
@@ -309,7 +306,7 @@ def test_base_table_and_overrides_order(tmp_path):
                         {"name": "b", "init_from": "base.toml"}])
     cfg_path = tmp_path / "c.toml"
     cc = compare_config_from_dict(raw, cfg_path, cli_set=["train.steps=7"])
-    from memformers.compare.harness import variant_config
+    from memformers.compare.spec import variant_config
 
     a, b = (variant_config(cc, v) for v in cc.variants)
     assert (a.model.n_layers, a.model.d_model, a.train.steps) == (5, 128, 7)

@@ -6,16 +6,18 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from memformers.compare import harness
-from memformers.compare.harness import segments_needing_grad, sorting_segments, train_sorting
 from memformers.config import load_config
 from memformers.errors import MemformersError
+from memformers.tasks import sorting
 from memformers.tasks.sorting import (
     SortingTask,
     drifting_sequence,
     make_sorting_example,
+    segments_needing_grad,
     sort_by_frequency,
+    sorting_segments,
     target_accuracy,
+    train_sorting,
 )
 from tests.conftest import TINY_MODEL
 
@@ -144,10 +146,10 @@ def test_no_grad_segments_train_exactly_the_same_weights(monkeypatch):
         [False, False, False, True, True, True]
     fast = _train_weights(cfg)
     with monkeypatch.context() as m:  # the old code path: autograd on every segment
-        m.setattr(harness, "segments_needing_grad", lambda scored, window: [True] * len(scored))
+        m.setattr(sorting, "segments_needing_grad", lambda scored, window: [True] * len(scored))
         reference = _train_weights(cfg)
     with monkeypatch.context() as m:  # a wrong choice (#3 without graph) is caught
-        m.setattr(harness, "segments_needing_grad", lambda scored, window: list(scored))
+        m.setattr(sorting, "segments_needing_grad", lambda scored, window: list(scored))
         wrong = _train_weights(cfg)
     assert fast.keys() == reference.keys()
     for name in fast:

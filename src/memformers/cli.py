@@ -190,7 +190,7 @@ def _option(key: str) -> str:
 def eval_spec_from_args(args):
     """The ``[eval]`` settings (``EvalSpec``) the options of ``memformers eval`` ask for,
     checked exactly as ``memformers compare`` checks its ``[eval]`` table."""
-    from memformers.compare.harness import eval_spec_from_dict
+    from memformers.compare.spec import eval_spec_from_dict
 
     raw: dict = {"split": args.split}
     for key, kind in EVAL_LIST_OPTIONS.items():
@@ -208,7 +208,8 @@ def eval_spec_from_args(args):
 
 
 def cmd_eval(args) -> int:
-    from memformers.compare.harness import check_passkey_lengths, eval_results, evaluate_model
+    from memformers.compare.evaluation import check_passkey_lengths, evaluate_model
+    from memformers.compare.harness import eval_results
     from memformers.compare.report import extra_sections, loss_difference, write_report
     from memformers.evaluate.lm import format_eval
 
@@ -304,9 +305,9 @@ def format_sorting(results: dict[str, dict]) -> str:
 
 
 def cmd_sorting(args) -> int:
-    from memformers.compare.harness import train_eval_sorting
     from memformers.compare.plots import plot_sorting, plot_sorting_curves
     from memformers.config import load_config, to_dict
+    from memformers.tasks.sorting import train_eval_sorting
     from memformers.train.checkpoint import atomic_write_text
     from memformers.train.trainer import autocast_for, resolve_device
 

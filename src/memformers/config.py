@@ -1,10 +1,14 @@
-"""Typed run configuration, loaded from TOML, overridden by ``--set``, validated here.
+"""Typed configuration, loaded from TOML, overridden by ``--set``, validated here.
 
 A run config has three sections -- ``[model]``, ``[data]``, ``[train]`` -- and
 the model has one sub-section per memory mechanism (``[model.knn]``, ...).
 ``load_config(path, overrides)`` is the single entry point; every check on
 values lives in ``validate``. Errors are one-line ``MemformersError``s that
 name the key and, for unknown keys, suggest the closest known one.
+
+The compare config (``memformers compare``; its dataclasses and loading are in
+``memformers.compare.spec``) is read with the same ``build_table`` and checked
+here too, by ``validate_eval_spec`` and ``validate_compare``.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
@@ -28,6 +34,9 @@ from memformers.memory.configs import (
     KNNLMConfig,
     PKMConfig,
 )
+
+if TYPE_CHECKING:
+    from memformers.compare.spec import CompareConfig, EvalSpec
 
 
 @dataclass
@@ -124,11 +133,14 @@ class RunConfig:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the type ``tp`` of the config key ``key``: a dataclass
+    (a table, built by ``build_table``), ``dict`` (a table of anything), bool, int, float,
+    str, or a list / tuple of any of these."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or tp is dict:
         if not isinstance(value, dict):
             raise MemformersError(f"config key '{key}' must be a table, got {value!r}")
-        return _build(tp, value, key)
+        return build_table(tp, value, key) if tp is not dict else value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -156,13 +168,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+def unknown_key_error(key: str, known: Iterable[str], where: str) -> MemformersError:
+    """The error "unknown key 'KEY' in WHERE", suggesting the closest of ``known``."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return MemformersError(f"unknown key '{key}' in {where}{hint}")
+
+
+def build_table(cls: type, raw: dict, prefix: str = "", where: str = "") -> Any:
+    """The dataclass ``cls`` from a TOML table: every key a field, every value of its type.
+
+    Errors name a key by its dotted path (``prefix.key``). An unknown key is
+    "unknown config key 'model.n_layer' (did you mean 'model.n_layers'?)", or, when
+    ``where`` says how to call the table (e.g. "[eval]"), "unknown key 'x' in [eval]".
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in raw.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in names:
+            if where:
+                raise unknown_key_error(k, names, where)
             close = difflib.get_close_matches(k, names, n=1)
             dotted = f"{prefix}.{close[0]}" if prefix and close else (close or [""])[0]
             hint = f" (did you mean '{dotted}'?)" if close else ""
@@ -213,7 +240,7 @@ def _resolve_auto_layers(raw: dict) -> dict:
 
 
 def config_from_dict(raw: dict) -> RunConfig:
-    cfg = _build(RunConfig, _resolve_auto_layers(raw))
+    cfg = build_table(RunConfig, _resolve_auto_layers(raw))
     validate(cfg)
     return cfg
 
@@ -378,3 +405,67 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < c.tau < 1, "model.continuous.tau must be in (0, 1)")
     _check(c.ridge_lambda >= 0 and c.n_samples > 0 and c.sticky_bins > 0,
            "model.continuous: ridge_lambda >= 0, n_samples > 0, sticky_bins > 0")
+
+
+# --------------------------------------------------------------------------- compare config
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a compare or variant name
+
+
+def validate_eval_spec(spec: EvalSpec, name: Callable[[str], str] = lambda k: f"eval.{k}"
+                       ) -> None:
+    """The value checks of an ``[eval]`` table (``memformers compare``) or of the options of
+    ``memformers eval``; ``name(key)`` is how an error names a key (e.g. an option)."""
+    _check(all(0 <= x <= 1 for x in spec.passkey_depths),
+           f"{name('passkey_depths')} must be numbers in [0, 1], got {spec.passkey_depths!r}")
+    _check(len(spec.loss_diff) in (0, 2),
+           f"{name('loss_diff')} must be two variant names, got {spec.loss_diff!r}")
+    xl = spec.memory_sweep_xl
+    _check(all(x in ("on", "off") for x in xl) and len(set(xl)) == len(xl),
+           f"{name('memory_sweep_xl')} must be \"on\", \"off\" or both, got {xl!r}")
+    for key in ("memory_sweep", "loss_diff_capacities", "passkey_lengths", "sorting_lengths"):
+        values = getattr(spec, key)
+        _check(all(x >= 0 for x in values),
+               f"{name(key)} must be a list of integers >= 0, got {values!r}")
+        _check(key in ("memory_sweep", "loss_diff_capacities") or all(x > 0 for x in values),
+               f"{name(key)} must be positive integers, got {values!r}")
+    _check(spec.split in ("", "train", "valid", "test"),
+           f"{name('split')} must be train, valid or test; got '{spec.split}'")
+    for key in ("passkey_samples", "sorting_steps", "sorting_samples"):
+        _check(getattr(spec, key) >= 1, f"{name(key)} must be >= 1")
+    for key in ("max_docs", "max_tokens", "loss_diff_doc"):
+        _check(getattr(spec, key) >= -1, f"{name(key)} must be >= -1")
+    _check(spec.winners >= 0, f"{name('winners')} must be >= 0")
+    _check(not spec.passkey_lengths or bool(spec.passkey_depths),
+           f"{name('passkey_depths')} must not be empty when {name('passkey_lengths')} is set")
+    _check(not xl or bool(spec.memory_sweep),
+           f"{name('memory_sweep_xl')} needs {name('memory_sweep')}")
+    caps = spec.loss_diff_capacities
+    _check(not caps or (len(caps) == 2 and set(caps) <= set(spec.memory_sweep)),
+           f"{name('loss_diff_capacities')} must be two capacities of "
+           f"{name('memory_sweep')}, got {caps}")
+
+
+def _check_overrides(overrides: list[str], where: str) -> None:
+    for item in overrides:
+        _check("=" in item, f"{where}: expected key=value, got '{item}'")
+
+
+def validate_compare(cc: CompareConfig) -> None:
+    """The value checks of a compare config beyond its ``[eval]`` table (checked when it is
+    read): names, ``set`` overrides, and the variants ``eval.loss_diff`` names."""
+    _check(bool(NAME_RE.match(cc.name)),
+           f"compare.name must be a name of letters, digits, '_.+-'; got {cc.name!r}")
+    _check_overrides(cc.set, "compare.set")
+    _check(bool(cc.variants), "the compare config needs at least one [[variant]] with a name")
+    names: list[str] = []
+    for i, v in enumerate(cc.variants):
+        _check(bool(v.name), f"variant {i + 1} has no name")
+        _check(bool(NAME_RE.match(v.name)),
+               f"variant name must be letters, digits, '_.+-'; got {v.name!r}")
+        _check(v.name not in names, f"two variants are named '{v.name}'; names must be unique")
+        _check_overrides(v.set, f"variant '{v.name}' set")
+        names.append(v.name)
+    for n in cc.eval.loss_diff:
+        if n not in names:
+            raise unknown_key_error(n, names, "eval.loss_diff (variant names)")

@@ -149,8 +149,9 @@ def shipped_passkey(quick: bool, progress: bool) -> dict:
 
 
 def run_demo(quick: bool = False, out: str | None = None, progress: bool = True) -> int:
-    from memformers.compare.harness import load_compare_config, run_compare
+    from memformers.compare.harness import run_compare
     from memformers.compare.report import print_table, write_report
+    from memformers.compare.spec import load_compare_config
 
     t0 = time.time()
     ensure_corpora(progress)

@@ -1,23 +1,23 @@
 """Compare memory mechanisms on equal terms: ``memformers compare CONFIG``.
 
-  harness.py  compare-config loading/validation, running variants with caching
+  spec.py        the compare config: its tables as dataclasses, loading, variant run configs
+  harness.py     running (training / reusing) every variant, with cached evaluation parts
+  evaluation.py  every evaluation of one trained model (shared with ``memformers eval``)
   report.py   report.md (one table + a section per extra), results.json, print_table
   plots.py    PNG plots (loss by position, memory sweep, passkey, loss difference, gates,
               sorting accuracy by length)
   cli.py      the ``compare`` subcommand
 """
 
-from memformers.compare.harness import (
+from memformers.compare.harness import run_compare, run_variant
+from memformers.compare.report import print_table, write_report
+from memformers.compare.spec import (
     CompareConfig,
     EvalSpec,
     VariantSpec,
     compare_config_from_dict,
     load_compare_config,
-    run_compare,
-    run_variant,
-    train_eval_sorting,
 )
-from memformers.compare.report import print_table, write_report
 
 __all__ = [
     "CompareConfig",
@@ -28,6 +28,5 @@ __all__ = [
     "print_table",
     "run_compare",
     "run_variant",
-    "train_eval_sorting",
     "write_report",
 ]

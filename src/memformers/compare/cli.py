@@ -29,8 +29,9 @@ def add_compare_subparser(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from memformers.compare.harness import Stopped, load_compare_config, run_compare
+    from memformers.compare.harness import Stopped, run_compare
     from memformers.compare.report import print_table, write_report
+    from memformers.compare.spec import load_compare_config
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     cc = load_compare_config(args.config, args.set, only)

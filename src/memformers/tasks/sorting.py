@@ -10,14 +10,24 @@ early part matter differently from the late part.
 
 LM layout: ``sequence + [SEP] + target`` with symbol ids 0..vocab-1 and SEP = vocab;
 the model is scored on predicting the target tokens after the separator.
+
+``train_eval_sorting`` trains a run config's architecture from scratch on the task
+(``train_sorting``) and scores it (``eval_sorting``): ``memformers sorting`` and the
+``eval.sorting_lengths`` of ``memformers compare``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from memformers.config import RunConfig
 from memformers.errors import MemformersError
 
 
@@ -104,3 +114,155 @@ def target_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
     if not keep.any():
         raise MemformersError("target_accuracy: no scored positions")
     return float((predicted[keep] == labels[keep]).mean())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def sorting_segments(task, segment_len: int) -> tuple[int, list[bool]]:
+    """(number of segments, which of them hold scored target positions) for one example.
+
+    The LM example is ``T + vocab`` positions (padded to whole segments); the labels at
+    positions T .. T + vocab - 1 (the sorted symbols) are the only scored ones.
+    """
+    L = segment_len
+    n_seg = -(-(task.total_len - 1) // L)
+    first, end = task.length, task.length + task.vocab  # scored label positions [first, end)
+    return n_seg, [s * L < end and (s + 1) * L > first for s in range(n_seg)]
+
+
+def segments_needing_grad(scored: list[bool], window: int) -> list[bool]:
+    """Per segment: does its forward need autograd?
+
+    The carried state is detached after every block of ``window`` segments (0..window-1,
+    window..2*window-1, ...), so a segment's graph reaches a loss only if a scored segment
+    comes at or after it in the same block. Every other segment runs under ``no_grad``:
+    the same computation and state updates, without building a graph that is thrown away.
+    """
+    n = len(scored)
+    return [any(scored[s:min(n, (s // window + 1) * window)]) for s in range(n)]
+
+
+def _sorting_batches(n_seg: int, L: int, inputs: np.ndarray, labels: np.ndarray, device):
+    """(s, x, y, mask) per segment of a batch padded at the end to ``n_seg * L``."""
+    pad = n_seg * L - inputs.shape[1]
+    x = torch.as_tensor(np.pad(inputs, ((0, 0), (0, pad))), device=device)  # (B, n_seg*L)
+    y = torch.as_tensor(np.pad(labels, ((0, 0), (0, pad)), constant_values=-100),
+                        device=device)  # (B, n_seg*L)
+    m = torch.ones_like(x, dtype=torch.bool)
+    m[:, m.shape[1] - pad:] = False
+    for s in range(n_seg):
+        sl = slice(s * L, (s + 1) * L)
+        yield s, x[:, sl], y[:, sl], m[:, sl]
+
+
+def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
+                  progress: bool = True, on_step=None):
+    """(model, train seconds): the variant's architecture trained from scratch on sorting.
+
+    Each example (T symbols, SEP, 20 targets) is one stream, streamed segment by segment
+    from a fresh state; only the target tokens are scored. Same optimiser and schedule as
+    LM training, ``steps`` steps, warm-up capped at a tenth of them. ``on_step(step,
+    model)``, if given, runs after every optimiser step (e.g. a learning curve).
+    """
+    from memformers.model import MemformerLM, lm_loss
+    from memformers.train.optim import build_optimizers, set_lr
+    from memformers.train.trainer import aux_losses
+
+    task = SortingTask(length)
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.vocab_size = task.vocab_size
+    tcfg = replace(cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10))
+    torch.manual_seed(cfg.train.seed)
+    model = MemformerLM(mcfg).to(device)
+    opts = build_optimizers(model, tcfg)
+    B, L, window = cfg.data.batch_size, cfg.data.segment_len, cfg.train.bptt_segments
+    n_seg, scored = sorting_segments(task, L)
+    grad = segments_needing_grad(scored, window)
+    rng = np.random.default_rng([cfg.train.seed, length, 0])
+    start = time.perf_counter()
+    model.train()
+    for step in tqdm(range(steps), desc=f"sorting T={length}", disable=not progress,
+                     leave=False):
+        set_lr(opts, step, tcfg)
+        inputs, labels = task.batch(B, rng)
+        n_scored = max(int((labels != -100).sum()), 1)
+        pending: list[torch.Tensor] = []
+        for s, x, y, m in _sorting_batches(n_seg, L, inputs, labels, device):
+            with torch.set_grad_enabled(grad[s]), autocast:
+                logits = model(x, new_doc=torch.full((B,), s == 0, device=device), mask=m)
+            if scored[s]:
+                pending.append(lm_loss(logits, y, reduction="sum") + aux_losses(model))
+            if (s + 1) % window == 0 or s == n_seg - 1:
+                if pending:
+                    (sum(pending) / n_scored).backward()
+                model.detach_state()
+                pending = []
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1, model)
+            model.train()
+    return model, time.perf_counter() - start
+
+
+@torch.no_grad()
+def eval_sorting(model, cfg: RunConfig, length: int, samples: int, device, autocast) -> dict:
+    """Greedy (teacher-forced) next-token accuracy and loss on the target symbols of
+    ``samples`` fresh examples (a different random stream from training)."""
+    from memformers.model import lm_loss
+
+    task = SortingTask(length)
+    B, L = cfg.data.batch_size, cfg.data.segment_len
+    n_seg, _ = sorting_segments(task, L)
+    rng = np.random.default_rng([cfg.train.seed, length, 1])
+    model.eval()
+    correct = scored = 0
+    nll = 0.0
+    for first in range(0, samples, B):
+        inputs, labels = task.batch(min(B, samples - first), rng)
+        preds = []
+        for s, x, y, m in _sorting_batches(n_seg, L, inputs, labels, device):
+            with autocast:
+                logits = model(x, new_doc=torch.full((x.shape[0],), s == 0, device=device),
+                               mask=m)
+            nll += float(lm_loss(logits, y, reduction="sum"))
+            preds.append(logits.argmax(-1).cpu().numpy())
+        pred = np.concatenate(preds, axis=1)[:, : labels.shape[1]]
+        keep = labels != -100
+        correct += int((pred[keep] == labels[keep]).sum())
+        scored += int(keep.sum())
+    return {"accuracy": correct / max(scored, 1), "loss": nll / max(scored, 1)}
+
+
+def train_eval_sorting(cfg: RunConfig, length: int, steps: int, samples: int, device,
+                       autocast, progress: bool = True, eval_every: int = 0,
+                       on_curve=None) -> dict:
+    """Train on the sorting task of length T (``train_sorting``), then score it
+    (``eval_sorting``): {length, steps, samples, accuracy, loss, train_seconds}.
+
+    With ``eval_every`` > 0 the same fresh examples are also scored every that many
+    steps: "curve" lists {step, accuracy, loss, seconds}, and ``on_curve(curve)`` is
+    called after each point (so a long run can write what it has so far).
+    """
+    curve: list[dict] = []
+    start = time.perf_counter()
+
+    def score(step: int, model) -> None:
+        if eval_every > 0 and step % eval_every == 0 and step < steps:
+            scores = eval_sorting(model, cfg, length, samples, device, autocast)
+            curve.append({"step": step, **scores,
+                          "seconds": round(time.perf_counter() - start, 1)})
+            if on_curve is not None:
+                on_curve(curve)
+
+    model, seconds = train_sorting(cfg, length, steps, device, autocast, progress, score)
+    scores = eval_sorting(model, cfg, length, samples, device, autocast)
+    result = {"length": length, "steps": steps, "samples": samples, **scores,
+              "train_seconds": seconds}
+    if eval_every > 0:
+        result["curve"] = curve + [{"step": steps, **scores,
+                                    "seconds": round(time.perf_counter() - start, 1)}]
+    return result
