@@ -19,7 +19,6 @@ the model is scored on predicting the target tokens after the separator.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, replace
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from memformers.config import RunConfig
 from memformers.errors import MemformersError
+from memformers.runner import Segment, SegmentRunner, segments_of, token_loss
 
 
 def random_distribution(rng: np.random.Generator, vocab: int) -> np.ndarray:
@@ -143,17 +143,9 @@ def segments_needing_grad(scored: list[bool], window: int) -> list[bool]:
     return [any(scored[s:min(n, (s // window + 1) * window)]) for s in range(n)]
 
 
-def _sorting_batches(n_seg: int, L: int, inputs: np.ndarray, labels: np.ndarray, device):
-    """(s, x, y, mask) per segment of a batch padded at the end to ``n_seg * L``."""
-    pad = n_seg * L - inputs.shape[1]
-    x = torch.as_tensor(np.pad(inputs, ((0, 0), (0, pad))), device=device)  # (B, n_seg*L)
-    y = torch.as_tensor(np.pad(labels, ((0, 0), (0, pad)), constant_values=-100),
-                        device=device)  # (B, n_seg*L)
-    m = torch.ones_like(x, dtype=torch.bool)
-    m[:, m.shape[1] - pad:] = False
-    for s in range(n_seg):
-        sl = slice(s * L, (s + 1) * L)
-        yield s, x[:, sl], y[:, sl], m[:, sl]
+def _segments(inputs: np.ndarray, labels: np.ndarray, segment_len: int) -> list[Segment]:
+    """A batch of examples as segments, each example one stream from a fresh state."""
+    return segments_of(torch.as_tensor(inputs), segment_len, torch.as_tensor(labels))
 
 
 def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
@@ -165,9 +157,8 @@ def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
     LM training, ``steps`` steps, warm-up capped at a tenth of them. ``on_step(step,
     model)``, if given, runs after every optimiser step (e.g. a learning curve).
     """
-    from memformers.model import MemformerLM, lm_loss
-    from memformers.train.optim import build_optimizers, set_lr
-    from memformers.train.trainer import aux_losses
+    from memformers.model import MemformerLM
+    from memformers.train.optim import build_optimizers, optimizer_step, set_lr
 
     task = SortingTask(length)
     mcfg = copy.deepcopy(cfg.model)
@@ -175,6 +166,7 @@ def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
     tcfg = replace(cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10))
     torch.manual_seed(cfg.train.seed)
     model = MemformerLM(mcfg).to(device)
+    runner = SegmentRunner(model, autocast)
     opts = build_optimizers(model, tcfg)
     B, L, window = cfg.data.batch_size, cfg.data.segment_len, cfg.train.bptt_segments
     n_seg, scored = sorting_segments(task, L)
@@ -187,21 +179,15 @@ def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
         set_lr(opts, step, tcfg)
         inputs, labels = task.batch(B, rng)
         n_scored = max(int((labels != -100).sum()), 1)
-        pending: list[torch.Tensor] = []
-        for s, x, y, m in _sorting_batches(n_seg, L, inputs, labels, device):
-            with torch.set_grad_enabled(grad[s]), autocast:
-                logits = model(x, new_doc=torch.full((B,), s == 0, device=device), mask=m)
-            if scored[s]:
-                pending.append(lm_loss(logits, y, reduction="sum") + aux_losses(model))
-            if (s + 1) % window == 0 or s == n_seg - 1:
-                if pending:
-                    (sum(pending) / n_scored).backward()
-                model.detach_state()
-                pending = []
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        segments = _segments(inputs, labels, L)
+        for seg, needs_grad in zip(segments, grad):
+            seg.grad = needs_grad
+        for w in range(0, n_seg, window):  # BPTT windows: one backward each, then detach
+            total, _ = runner.loss([seg.to(device) for seg in segments[w:w + window]])
+            if total.requires_grad:
+                (total / n_scored).backward()
+            model.detach_state()
+        optimizer_step(model, opts, tcfg.grad_clip)
         if on_step is not None:
             on_step(step + 1, model)
             model.train()
@@ -212,28 +198,19 @@ def train_sorting(cfg: RunConfig, length: int, steps: int, device, autocast,
 def eval_sorting(model, cfg: RunConfig, length: int, samples: int, device, autocast) -> dict:
     """Greedy (teacher-forced) next-token accuracy and loss on the target symbols of
     ``samples`` fresh examples (a different random stream from training)."""
-    from memformers.model import lm_loss
-
     task = SortingTask(length)
     B, L = cfg.data.batch_size, cfg.data.segment_len
-    n_seg, _ = sorting_segments(task, L)
     rng = np.random.default_rng([cfg.train.seed, length, 1])
-    model.eval()
+    runner = SegmentRunner(model.eval(), autocast)
     correct = scored = 0
     nll = 0.0
     for first in range(0, samples, B):
         inputs, labels = task.batch(min(B, samples - first), rng)
-        preds = []
-        for s, x, y, m in _sorting_batches(n_seg, L, inputs, labels, device):
-            with autocast:
-                logits = model(x, new_doc=torch.full((x.shape[0],), s == 0, device=device),
-                               mask=m)
-            nll += float(lm_loss(logits, y, reduction="sum"))
-            preds.append(logits.argmax(-1).cpu().numpy())
-        pred = np.concatenate(preds, axis=1)[:, : labels.shape[1]]
-        keep = labels != -100
-        correct += int((pred[keep] == labels[keep]).sum())
-        scored += int(keep.sum())
+        for seg, logits, _ in runner.run(_segments(inputs, labels, L), device):
+            nll += float(token_loss(logits, seg.targets))
+            keep = seg.targets != -100
+            correct += int((logits.argmax(-1)[keep] == seg.targets[keep]).sum())
+            scored += int(keep.sum())
     return {"accuracy": correct / max(scored, 1), "loss": nll / max(scored, 1)}
 
 

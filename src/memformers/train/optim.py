@@ -60,6 +60,21 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     return opts
 
 
+def optimizer_step(model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                   grad_clip: float) -> float:
+    """Clip the global norm of the dense gradients (``grad_clip`` 0: no clipping; FSDP2's
+    sharded gradients too), step every optimiser and clear the gradients; returns the
+    norm before clipping."""
+    from memformers.train.distributed import clip_grad_norm
+
+    dense = [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse]
+    norm = clip_grad_norm(dense, grad_clip or math.inf)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:

@@ -58,7 +58,7 @@ from memformers.train.checkpoint import (
     truncate_metrics,
 )
 from memformers.train.distributed import resolve_device
-from memformers.train.optim import build_optimizers, set_lr
+from memformers.train.optim import build_optimizers, optimizer_step, set_lr
 
 __all__ = ["Trainer", "TrainWindow", "autocast_for", "gate_report", "resolve_device",
            "state_report"]
@@ -348,12 +348,7 @@ class Trainer:
                 if not math.isfinite(loss_sum):
                     raise MemformersError(f"loss is {loss_sum} at step {self.step}; lower "
                                           "train.lr or check the data")
-                dense = [p for p in self.model.parameters()
-                         if p.grad is not None and not p.grad.is_sparse]
-                gnorm = distributed.clip_grad_norm(dense, t.grad_clip or math.inf)  # 0: no clipping
-                for opt in self.optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                gnorm = optimizer_step(self.model, self.optimizers, t.grad_clip)
                 self.step += 1
                 self.tokens_seen += n_tok
                 tok_s = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
