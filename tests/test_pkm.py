@@ -15,7 +15,7 @@ from memformers.memory.pkm import (
     resolve_sparse,
     track_pkm_usage,
     usage_stats,
-    value_parameters,
+    value_tables,
 )
 from memformers.model import MemformerLM, lm_loss
 from memformers.train.optim import build_optimizers, set_lr
@@ -74,7 +74,7 @@ def test_product_topk_with_ties_across_halves():
 def small_pkm(**kw) -> ProductKeyMemory:
     torch.manual_seed(0)
     cfg = PKMConfig(layers=[0], n_keys=16, k_dim=8, heads=2, top_k=4, **kw)
-    return ProductKeyMemory(cfg, d_model=12, shared={})
+    return ProductKeyMemory(cfg, d_model=12, shared_modules={})
 
 
 def test_gradients_reach_keys_query_and_only_selected_values():
@@ -180,10 +180,10 @@ def test_shared_values_one_parameter_counted_once():
     a, b = model.blocks[0].ffn, model.blocks[2].ffn
     assert a.values.weight is b.values.weight
     assert a.keys is not b.keys
-    assert len(value_parameters(model)) == 1
+    assert len(value_tables(model)) == 1
     unshared = MemformerLM(ModelConfig(**{**cfg.__dict__, "pkm": PKMConfig(
         layers=[0, 2], n_keys=8, k_dim=8, heads=2, top_k=2)}))
-    assert len(value_parameters(unshared)) == 2
+    assert len(value_tables(unshared)) == 2
     assert unshared.num_parameters() - model.num_parameters() == 64 * 16
 
 

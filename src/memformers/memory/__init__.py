@@ -44,14 +44,18 @@ def build_attention_memory(model_cfg, layer: int) -> AttentionMemory | None:
     return None
 
 
-def build_ffn(model_cfg, layer: int, shared: dict) -> nn.Module:
-    """The layer's FFN: a product-key memory if listed in ``model.pkm.layers``."""
+def build_ffn(model_cfg, layer: int, shared_modules: dict) -> nn.Module:
+    """The layer's FFN: a product-key memory if listed in ``model.pkm.layers``.
+
+    ``shared_modules``: one dict per model, passed to every layer's FFN at construction,
+    for modules the layers share (``model.pkm.share_values``: one value table)."""
     from memformers.model.ffn import MLP
 
     if layer in model_cfg.pkm.layers:
         from memformers.memory.pkm import ProductKeyMemory
 
-        return ProductKeyMemory(model_cfg.pkm, d_model=model_cfg.d_model, shared=shared)
+        return ProductKeyMemory(model_cfg.pkm, d_model=model_cfg.d_model,
+                                shared_modules=shared_modules)
     return MLP(model_cfg.d_model, model_cfg.d_ff, model_cfg.ffn, model_cfg.dropout)
 
 
