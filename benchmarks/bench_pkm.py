@@ -45,7 +45,7 @@ def sync(device: str) -> None:
 def make_pkm(n_keys: int, sparse: bool, args) -> ProductKeyMemory:
     cfg = PKMConfig(layers=[0], n_keys=n_keys, heads=4, k_dim=args.k_dim, top_k=32,
                     sparse=sparse)
-    return ProductKeyMemory(cfg, d_model=D_MODEL, shared={}).to(args.device)
+    return ProductKeyMemory(cfg, d_model=D_MODEL, shared_modules={}).to(args.device)
 
 
 def inputs(args) -> tuple[torch.Tensor, torch.Tensor]:

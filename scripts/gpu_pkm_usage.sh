@@ -12,7 +12,7 @@
 # keeps its curve. Then: python scripts/collect_pkm_usage.py OUT/*/ --out PREFIX
 # Usage: [SEED=0] [ONLY="pkm dense-3L"] bash scripts/gpu_pkm_usage.sh OUT_DIR [STEPS] [TRAIN_SECONDS]
 #   (defaults 2500 steps, 440 s, seed 0, all four jobs; about 5 minutes on one H100)
-# PKM jobs then run scripts/pkm_bn_stats.py (running vs per-batch BatchNorm statistics).
+# PKM jobs then run `memformers diagnose pkm-bn` (running vs per-batch BatchNorm statistics).
 # Run 1 (results/gpu/pkm_usage_run1/) was this script's first version: the ungrouped
 # corpus, no dense jobs, training until the time limit (500 s), d_model-512 and BPE jobs.
 set -uo pipefail
@@ -43,7 +43,7 @@ job() {  # name, args...
                 --max-docs 0 --max-tokens 0 --no-progress
         done
         if [[ $name == pkm ]]; then
-            timeout 90 python scripts/pkm_bn_stats.py "$out/$name" --split valid
+            timeout 90 python -m memformers diagnose pkm-bn "$out/$name" --split valid
         fi
     } > "$out/$name.log" 2>&1 &
 }

@@ -3,7 +3,7 @@
 For each length, ``--samples`` pairs of passkey prompts identical but for the key
 digits (needle at ``--depth``) are fed segment by segment (segment_len of the config,
 fresh state, eval, no grad); hooks on every InfiniMemory record what it stores and
-reads (memformers.evaluate.infini_probe). Per Infini layer and head, means over samples:
+reads (memformers.diagnostics.infini_probe). Per Infini layer and head, means over samples:
 
   gate        sigmoid(beta), eq. (6): the share the memory gets in the output
   share       the needle digits' share of the eq. (3) normaliser sigma(q) z at the
@@ -37,7 +37,7 @@ import torch
 
 from memformers.config import load_config
 from memformers.data.tokenizer import ByteTokenizer
-from memformers.evaluate.infini_probe import (
+from memformers.diagnostics.infini_probe import (
     capacity_probe,
     diagnose_passkey,
     make_passkey_pair,

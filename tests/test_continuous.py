@@ -27,7 +27,7 @@ def step(m: ContinuousMemory, x, mask=None, commit=True, seed=0):
     q = torch.randn(B, m.n_heads, L, m.head_dim, generator=g)
     local = torch.randn(B, m.n_heads, L, m.head_dim, generator=g)
     mask = torch.ones(B, L, dtype=torch.bool) if mask is None else mask
-    return m(x, q, q, q, local, mask, commit), local
+    return m(q, q, q, local, mask, commit, x=x), local
 
 
 # ----------------------------------------------------------------- maths
@@ -176,8 +176,8 @@ def test_stored_state_carries_no_graph():
     for _ in range(3):
         x = torch.randn(2, 20, 6, requires_grad=True)
         q = torch.randn(2, m.n_heads, 20, m.head_dim, requires_grad=True)
-        out = m(x, q, q, q, torch.randn(2, m.n_heads, 20, m.head_dim),
-                torch.ones(2, 20, dtype=torch.bool), True)
+        out = m(q, q, q, torch.randn(2, m.n_heads, 20, m.head_dim),
+                torch.ones(2, 20, dtype=torch.bool), True, x=x)
         assert out.requires_grad  # the read is differentiable ...
         assert m.coef.grad_fn is None and m.hist.grad_fn is None  # ... the write is not
 
@@ -383,7 +383,7 @@ def test_kl_aux_loss():
     q = torch.randn(B, 2, L, 4)
     _, mean, var = m.read(q)
     mask = torch.ones(B, L, dtype=torch.bool)
-    m(x, q, q, q, torch.zeros_like(q), mask, False)
+    m(q, q, q, torch.zeros_like(q), mask, False, x=x)
     ref = 0.1 * gaussian_kl(mean, var, 0.5, 0.05).mean()
     assert torch.allclose(m.aux_loss, ref)
     m.aux_loss.backward()

@@ -7,18 +7,25 @@ import numpy as np
 import pytest
 import torch
 
-from memformers.config import ModelConfig, load_config
+from memformers.config import ModelConfig, TrainConfig, load_config
 from memformers.data.streaming import Batch
 from memformers.memory.configs import InfiniConfig
-from memformers.memory.infini import InfiniMemory, gate_parameters, sigma
+from memformers.memory.infini import InfiniMemory, sigma
 from memformers.memory.state import collect_state_tensors, load_collected_state_tensors
 from memformers.model import MemformerLM, lm_loss
 from memformers.model.attention import Attention
 from memformers.model.position import RelativePositionBias, Rotary
+from memformers.train.optim import build_optimizers
 from memformers.train.trainer import Trainer
 from tests.conftest import TINY_MODEL
 
 B, H, L, D = 3, 2, 5, 4
+
+
+def gate_group(model) -> list[torch.nn.Parameter]:
+    """The Infini-attention gates as the trainer's optimiser groups them ("infini_gate")."""
+    opt = build_optimizers(model, TrainConfig())[0]
+    return [p for g in opt.param_groups if g["name"] == "infini_gate" for p in g["params"]]
 
 
 def make(update="linear", **kw) -> InfiniMemory:
@@ -40,7 +47,7 @@ def run(mem, segs, mask=None, commit=True):
     mask = torch.ones(B, L, dtype=torch.bool) if mask is None else mask
     outs = []
     for q, k, v in segs:
-        out = mem(None, q, k, v, torch.zeros_like(v), mask, commit)
+        out = mem(q, k, v, torch.zeros_like(v), mask, commit)
         outs.append((out / g).detach())
     return outs
 
@@ -124,7 +131,7 @@ def test_delta_rule_leaves_an_exactly_stored_binding_unchanged():
     def write(update, values):
         mem = make(update)
         mem.load_state_tensors({"M": M, "z": z})
-        mem(None, q, k, values, torch.zeros_like(values), ones, True)
+        mem(q, k, values, torch.zeros_like(values), ones, True)
         return mem
 
     mem = write("delta", v)
@@ -151,7 +158,7 @@ def test_fresh_stream_output_is_gated_local_attention():
     mem = make(gate_init=1.5)
     q, k, v = (t.float() for t in segments(1)[0])
     local = torch.randn_like(v)
-    out = mem(None, q, k, v, local, torch.ones(B, L, dtype=torch.bool), True)
+    out = mem(q, k, v, local, torch.ones(B, L, dtype=torch.bool), True)
     assert torch.allclose(out, (1 - torch.sigmoid(torch.tensor(1.5))) * local)
     assert torch.allclose(mem.gate_values(), torch.sigmoid(torch.full((H,), 1.5)))
 
@@ -178,7 +185,7 @@ def test_reset_clears_exactly_flagged_streams(update):
 def test_reset_inside_a_graph_keeps_other_streams_differentiable():
     mem = make("delta")
     q, k, v = (t.float().requires_grad_() for t in segments(1, seed=4)[0])
-    mem(None, q, k, v, torch.zeros_like(v), torch.ones(B, L, dtype=torch.bool), True)
+    mem(q, k, v, torch.zeros_like(v), torch.ones(B, L, dtype=torch.bool), True)
     mem.reset(torch.tensor([True, False, False]))
     mem.M.sum().backward()
     assert torch.all(k.grad[0] == 0) and k.grad[1:].abs().sum() > 0
@@ -202,7 +209,7 @@ def test_padding_is_never_written(update):
     short = make(update)
     short.allocate(1, "cpu")
     for q, k, v in segs:
-        short(None, q[:1, :, :3], k[:1, :, :3], v[:1, :, :3], torch.zeros_like(v[:1, :, :3]),
+        short(q[:1, :, :3], k[:1, :, :3], v[:1, :, :3], torch.zeros_like(v[:1, :, :3]),
               torch.ones(1, 3, dtype=torch.bool), True)
     assert torch.allclose(a.M[:1], short.M, atol=1e-5) and torch.allclose(a.z[:1], short.z)
 
@@ -222,10 +229,10 @@ def test_bptt_gradient_crosses_segments_until_detach():
         (q1, k1, v1), (q2, k2, v2) = [tuple(t.float().requires_grad_() for t in s)
                                       for s in segments(2, seed=7)]
         ones = torch.ones(B, L, dtype=torch.bool)
-        mem(None, q1, k1, v1, torch.zeros_like(v1), ones, True)
+        mem(q1, k1, v1, torch.zeros_like(v1), ones, True)
         if detach:
             mem.detach()
-        out2 = mem(None, q2, k2, v2, torch.randn_like(v2), ones, True)
+        out2 = mem(q2, k2, v2, torch.randn_like(v2), ones, True)
         out2.pow(2).sum().backward()
         assert mem.gate.grad is not None and mem.gate.grad.abs().sum() > 0
         assert q2.grad.abs().sum() > 0
@@ -260,7 +267,7 @@ def test_state_stays_float32_under_bf16_autocast():
     q, k, v = (t.to(torch.bfloat16) for t in segments(1, seed=9)[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(2):
-            out = mem(None, q, k, v, v, torch.ones(B, L, dtype=torch.bool), True)
+            out = mem(q, k, v, v, torch.ones(B, L, dtype=torch.bool), True)
     assert mem.M.dtype == torch.float32 and mem.z.dtype == torch.float32
     assert out.dtype == torch.bfloat16
     want = 2 * (torch.nn.functional.elu(k.float()) + 1).sum(2)
@@ -290,7 +297,7 @@ def test_memory_path_has_no_position_encoding(position):
     for name, attn in (("plain", plain), ("encoded", encoded)):
         calls = []
         attn.memory.register_forward_hook(lambda m, args, out, calls=calls:
-                                          calls.append((*args[1:5], out)))
+                                          calls.append((*args[:4], out)))
         bias = rel_bias if name == "encoded" else None
         for seg in x:
             attn(seg, mask, bias)
@@ -322,7 +329,7 @@ def test_model_three_segments_forward_backward_and_gate_group():
         seg = tokens[:, s * 16:(s + 1) * 16 + 1]
         loss = loss + lm_loss(model(seg[:, :-1]), seg[:, 1:])
     loss.backward()
-    gates = gate_parameters(model)
+    gates = gate_group(model)
     assert len(gates) == 2 and all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
     names = [n for n, p in model.named_parameters() if n.endswith("gate")]
     assert names == ["blocks.0.attn.memory.gate", "blocks.1.attn.memory.gate"]
@@ -364,7 +371,7 @@ def test_learns_to_recall_a_token_from_the_previous_segment():
                       vocab_size=n_keys + 2, position="rope",
                       infini=InfiniConfig(layers=[0], update="delta"))
     model = MemformerLM(cfg)
-    gates = gate_parameters(model)
+    gates = gate_group(model)
     others = [p for p in model.parameters() if all(p is not g for g in gates)]
     opt = torch.optim.Adam([{"params": others, "lr": 3e-3},
                             {"params": gates, "lr": cfg.infini.gate_lr}])

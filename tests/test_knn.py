@@ -27,7 +27,7 @@ def segment(B=2, L=8, seed=0):
 def run(m, q, k, v, local, commit=True, mask=None):
     qs, ks, _ = m.transform_qk(q, k)
     mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool) if mask is None else mask
-    return m(None, qs, ks, v, local, mask, commit)
+    return m(qs, ks, v, local, mask, commit)
 
 
 def brute_force(keys, filled, queries, k):
@@ -174,7 +174,7 @@ def test_a_segment_never_retrieves_itself():
     assert slot.max() < 8 and torch.allclose(
         got, va.reshape(H, 1, 8, D).expand(H, 8, 8, D).gather(
             2, slot[..., None].expand(-1, -1, -1, D)).half().float())
-    out = m(None, qs, ks, vb, local, torch.ones(1, 8, dtype=torch.bool), True)
+    out = m(qs, ks, vb, local, torch.ones(1, 8, dtype=torch.bool), True)
     assert out.abs().max() < 50  # no value of B (all ~100) leaked into the memory read
     # and with retrieval equal to the reference formula
     g = torch.sigmoid(m.gate)[None, :, None, None]

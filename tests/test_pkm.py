@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from memformers.config import ModelConfig, TrainConfig
+from memformers.diagnostics.pkm_bn import batch_statistics, per_batch_statistics
 from memformers.memory.configs import PKMConfig
 from memformers.memory.pkm import (
     MaskedBatchNorm1d,
@@ -14,7 +15,7 @@ from memformers.memory.pkm import (
     resolve_sparse,
     track_pkm_usage,
     usage_stats,
-    value_parameters,
+    value_tables,
 )
 from memformers.model import MemformerLM, lm_loss
 from memformers.train.optim import build_optimizers, set_lr
@@ -73,7 +74,7 @@ def test_product_topk_with_ties_across_halves():
 def small_pkm(**kw) -> ProductKeyMemory:
     torch.manual_seed(0)
     cfg = PKMConfig(layers=[0], n_keys=16, k_dim=8, heads=2, top_k=4, **kw)
-    return ProductKeyMemory(cfg, d_model=12, shared={})
+    return ProductKeyMemory(cfg, d_model=12, shared_modules={})
 
 
 def test_gradients_reach_keys_query_and_only_selected_values():
@@ -179,10 +180,10 @@ def test_shared_values_one_parameter_counted_once():
     a, b = model.blocks[0].ffn, model.blocks[2].ffn
     assert a.values.weight is b.values.weight
     assert a.keys is not b.keys
-    assert len(value_parameters(model)) == 1
+    assert len(value_tables(model)) == 1
     unshared = MemformerLM(ModelConfig(**{**cfg.__dict__, "pkm": PKMConfig(
         layers=[0, 2], n_keys=8, k_dim=8, heads=2, top_k=2)}))
-    assert len(value_parameters(unshared)) == 2
+    assert len(value_tables(unshared)) == 2
     assert unshared.num_parameters() - model.num_parameters() == 64 * 16
 
 
@@ -310,18 +311,8 @@ def test_padded_segment_after_a_full_one_backpropagates_through_both():
     assert int(bn.num_batches_tracked) == 2
 
 
-def _script(name: str):
-    """A module of scripts/ (not a package), loaded from its file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bn_stats_script_normalises_with_real_tokens_only():
-    """scripts/pkm_bn_stats.py's per-batch statistics: BatchNorm1d's training-mode output
+    """diagnostics/pkm_bn.py's per-batch statistics: BatchNorm1d's training-mode output
     on the real rows, whatever the padded rows hold."""
     bn = MaskedBatchNorm1d(6).eval()
     with torch.no_grad():
@@ -330,9 +321,21 @@ def test_bn_stats_script_normalises_with_real_tokens_only():
     x = torch.randn(10, 6)
     mask = torch.tensor([True] * 7 + [False] * 3)
     padded = torch.cat([x[:7], torch.full((3, 6), 1e4)])
-    got = _script("pkm_bn_stats").batch_statistics(bn, padded, mask)[:7]
+    got = batch_statistics(bn, padded, mask)[:7]
     want = F.batch_norm(x[:7], None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     torch.testing.assert_close(got, want)
+
+
+def test_per_batch_statistics_patches_only_inside_the_block():
+    """diagnostics/pkm_bn.py: a model's query BatchNorms use the batch's statistics inside
+    ``per_batch_statistics`` and their running statistics again after it."""
+    bn = MaskedBatchNorm1d(4).eval()
+    model = torch.nn.Sequential(bn)
+    x = torch.randn(8, 4) * 3 + 5
+    running = model(x)
+    with per_batch_statistics(model):
+        torch.testing.assert_close(model(x), batch_statistics(bn, x))
+    torch.testing.assert_close(model(x), running)
 
 
 def test_collect_pkm_usage_tables_curves_and_final_splits(tmp_path):
@@ -386,3 +389,32 @@ def test_bn_stats_script_rejects_a_non_run_in_one_line(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0 and res.stderr.strip().startswith("error:")
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_diagnose_pkm_bn_on_a_trained_run(tiny_corpus, tmp_path, capsys):
+    """`memformers diagnose pkm-bn RUN_DIR`: both modes' held-out loss, written next to the
+    run; a run without a query BatchNorm is a one-line error."""
+    import json
+
+    from memformers.cli import main
+    from tests.conftest import TINY_MODEL
+
+    def train(run, *sets):
+        args = [x for s in [*TINY_MODEL, f"data.corpus='{tiny_corpus}'", "train.steps=2",
+                            "data.eval_max_tokens=256", "model.pkm.layers=[1]",
+                            "model.pkm.n_keys=8", "model.pkm.k_dim=16", "model.pkm.top_k=4",
+                            "model.pkm.heads=2", *sets] for x in ("--set", s)]
+        assert main(["train", "--config", "configs/baseline.toml", *args, "--run-dir",
+                     str(run), "--no-progress"]) == 0
+        return run
+
+    run = train(tmp_path / "bn")
+    assert main(["diagnose", "pkm-bn", str(run), "--max-tokens", "200"]) == 0
+    record = json.loads((run / "bn-stats-valid.json").read_text())
+    assert set(record) == {"running", "batch"}
+    assert record["running"]["tokens"] == record["batch"]["tokens"] > 0
+    assert list(record["batch"]["used"]) == ["blocks.1.ffn"]
+    capsys.readouterr()
+    no_bn = train(tmp_path / "no-bn", "model.pkm.query_norm=none")
+    assert main(["diagnose", "pkm-bn", str(no_bn)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -7,6 +7,7 @@
                     [--memory-sweep-xl on,off]] [--passkey-lengths N,N] [--out DIR]
     memformers generate RUN_DIR --prompt TEXT [--tokens N]
     memformers knnlm-tune RUN_DIR [--split valid]   (the kNN-LM's lambda and temperature)
+    memformers diagnose pkm-bn RUN_DIR   (PKM query BatchNorm: running vs per-batch statistics)
     (RUN_DIR may be a shipped model name: demo-base, passkey-knn)
     memformers compare CONFIG            (train + evaluate variants on equal terms)
     memformers sorting --config FILE --lengths 1024,2048 [--steps N] [--samples M]
@@ -476,10 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from memformers.compare.cli import add_compare_subparser
     from memformers.data.cli import add_data_subparser
+    from memformers.diagnostics.cli import add_diagnose_subparser
     from memformers.hf.cli import add_hf_subparsers
 
     add_data_subparser(sub)
     add_compare_subparser(sub)
+    add_diagnose_subparser(sub)
     add_hf_subparsers(sub)
     return p
 

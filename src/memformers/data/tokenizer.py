@@ -236,13 +236,6 @@ def tokenizers_match(a: Tokenizer, b: Tokenizer) -> bool:
     return a.vocab_size == b.vocab_size and a.encode(PROBE_TEXT) == b.encode(PROBE_TEXT)
 
 
-def make_tokenizer(name: str) -> Tokenizer:
-    """An untrained tokenizer by name (only ``byte`` needs no training)."""
-    if name == "byte":
-        return ByteTokenizer()
-    raise MemformersError(f"tokenizer '{name}' must be trained; use BPETokenizer.train")
-
-
 def load_tokenizer(corpus_dir: str | Path) -> Tokenizer:
     """The tokenizer a corpus was built with, as named in its ``manifest.json``."""
     path = Path(corpus_dir) / "manifest.json"

@@ -156,7 +156,7 @@ class MemoryAttention(nn.Module):
 
     # ----------------------------------------------------------------- memory path
 
-    def _with_memory(self, x, q, k, v, local):
+    def _with_memory(self, q, k, v, local):
         """q (B, H, L, d), k, v (B, Hkv, L, d) without RoPE; local (B, H, L, d) -> same shape."""
         ctl = self._control
         B, H, L, d = q.shape
@@ -178,9 +178,9 @@ class MemoryAttention(nn.Module):
                 self.memory.store.write(km, v, mask)  # nothing later depends on this read
                 out = lg
             else:
-                out = self.memory(x, qm, km, v, lg, mask, ctl.write)  # read, then write
+                out = self.memory(qm, km, v, lg, mask, ctl.write)  # read, then write
         else:
-            out = self.memory(x, qg, k, v, lg, mask, ctl.write)
+            out = self.memory(qg, k, v, lg, mask, ctl.write)
             out = torch.where(empty[:, None, None, None], lg, out)  # empty memory: no change
         return out.reshape(B, H, L, d)
 
@@ -211,7 +211,7 @@ class GPT2MemoryAttention(MemoryAttention):
             attn, weights = self._attention_function()(self, q, keys, values, attention_mask,
                                       dropout=self.attn_dropout.p if self.training else 0.0,
                                       **scaling, **kwargs)  # (B, L, H, d)
-        out = self._with_memory(hidden_states, q, k, v, attn.transpose(1, 2)).transpose(1, 2)
+        out = self._with_memory(q, k, v, attn.transpose(1, 2)).transpose(1, 2)
         out = out.reshape(*out.shape[:-2], -1).contiguous()
         return self.resid_dropout(self.c_proj(out)), weights
 
@@ -241,7 +241,7 @@ class LlamaMemoryAttention(MemoryAttention):
         attn, weights = interface(self, q_rot, keys, values, attention_mask,
                                   dropout=0.0 if not self.training else self.attention_dropout,
                                   scaling=self.scaling, **extra, **kwargs)  # (B, L, H, d)
-        out = self._with_memory(hidden_states, q, k, v, attn.transpose(1, 2)).transpose(1, 2)
+        out = self._with_memory(q, k, v, attn.transpose(1, 2)).transpose(1, 2)
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), weights
 

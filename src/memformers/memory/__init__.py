@@ -57,14 +57,18 @@ def resolve_for_device(model_cfg, device, train_cfg) -> None:
     model_cfg.pkm = resolve_sparse(model_cfg.pkm, device, train_cfg)
 
 
-def build_ffn(model_cfg, layer: int, shared: dict) -> nn.Module:
-    """The layer's FFN: a product-key memory if listed in ``model.pkm.layers``."""
+def build_ffn(model_cfg, layer: int, shared_modules: dict) -> nn.Module:
+    """The layer's FFN: a product-key memory if listed in ``model.pkm.layers``.
+
+    ``shared_modules``: one dict per model, passed to every layer's FFN at construction,
+    for modules the layers share (``model.pkm.share_values``: one value table)."""
     from memformers.model.ffn import MLP
 
     if layer in model_cfg.pkm.layers:
         from memformers.memory.pkm import ProductKeyMemory
 
-        return ProductKeyMemory(model_cfg.pkm, d_model=model_cfg.d_model, shared=shared)
+        return ProductKeyMemory(model_cfg.pkm, d_model=model_cfg.d_model,
+                                shared_modules=shared_modules)
     return MLP(model_cfg.d_model, model_cfg.d_ff, model_cfg.ffn, model_cfg.dropout)
 
 

@@ -1,10 +1,11 @@
 """The interface of a long-term memory that lives inside an attention layer.
 
 An ``AttentionMemory`` sees the layer's projected queries, keys and values
-(before any position encoding, since memories carry no position information),
-the layer input ``x`` and the output of ordinary local attention, and returns
-the combined head outputs. It owns its per-stream state (``StreamState``) and
-only writes to it when ``commit`` is True.
+(before any position encoding, since memories carry no position information)
+and the output of ordinary local attention, and returns the combined head
+outputs; a memory with ``needs_layer_input`` also gets the layer input ``x``
+(the infinity-former writes it to its long-term memory). It owns its per-stream
+state (``StreamState``) and only writes to it when ``commit`` is True.
 
 kNN memory, Infini-attention and the infinity-former each implement this in
 one file; ``memformers.memory.build_attention_memory`` picks one per layer.
@@ -25,6 +26,9 @@ class AttentionMemory(StreamState, nn.Module):
     # Set under FSDP2, which needs a gradient (zero if need be) for every parameter on
     # every rank: the memory then keeps skipped parameters in the graph.
     touch_skipped_parameters = False
+    # True when forward also takes the layer input as keyword ``x`` (B, L, D), after the
+    # pre-norm (continuous.py); the others read only q, k, v and the local output.
+    needs_layer_input = False
 
     def transform_qk(
         self, q: torch.Tensor, k: torch.Tensor
@@ -37,7 +41,6 @@ class AttentionMemory(StreamState, nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, L, D) layer input (after the pre-norm)
         q: torch.Tensor,  # (B, H, L, d)
         k: torch.Tensor,  # (B, H, L, d)
         v: torch.Tensor,  # (B, H, L, d)

@@ -62,6 +62,7 @@ def gaussian_kl(mu: torch.Tensor, var: torch.Tensor, mu0: float, sigma0: float) 
 class ContinuousMemory(AttentionMemory):
     state_kind = "continuous"
     carried = ("coef", "filled", "hist", "aux_loss")  # all rebound, never written in place
+    needs_layer_input = True  # the LTM stores the layer input x, not k or v
 
     def __init__(self, cfg: ContinuousConfig, *, n_heads: int, head_dim: int, d_model: int):
         super().__init__()
@@ -131,13 +132,14 @@ class ContinuousMemory(AttentionMemory):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, L, D) layer input (after the pre-norm)
         q: torch.Tensor,  # (B, H, L, d)
         k: torch.Tensor,  # (B, H, L, d) unused: the LTM has its own keys
         v: torch.Tensor,  # (B, H, L, d) unused
         local_out: torch.Tensor,  # (B, H, L, d)
         mask: torch.Tensor,  # (B, L) bool, real tokens
         commit: bool,
+        *,
+        x: torch.Tensor,  # (B, L, D) layer input (after the pre-norm): what the LTM stores
     ) -> torch.Tensor:  # (B, H, L, d)
         B, L, _ = x.shape
         if self.coef is None:

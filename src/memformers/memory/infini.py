@@ -30,7 +30,7 @@ Details of this implementation:
   ``detach()`` truncates that graph, ``reset()`` builds new tensors (no
   in-place ops) so it is safe in the middle of a graph.
 * The gate parameter is called ``gate`` (``...memory.gate`` in the model);
-  ``gate_parameters(model)`` collects them for their own optimizer group
+  ``InfiniMemory.param_groups`` gives them their own optimizer group
   (``cfg.gate_lr``, no weight decay): the public reproduction attempts found
   the gates stuck near 0.5 under the global lr and weight decay.
 """
@@ -147,7 +147,6 @@ class InfiniMemory(AttentionMemory):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, L, D) unused: the memory reads q, k, v
         q: torch.Tensor,  # (B, H, L, d_k) no position encoding
         k: torch.Tensor,  # (B, H, L, d_k) no position encoding
         v: torch.Tensor,  # (B, H, L, d_v)
@@ -174,8 +173,3 @@ class InfiniMemory(AttentionMemory):
 
         g = torch.sigmoid(self.gate).view(1, -1, 1, 1).to(local_out.dtype)  # (1, H, 1, 1)
         return g * a_mem.to(local_out.dtype) + (1.0 - g) * local_out  # (6)
-
-
-def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every Infini-attention gate (beta) in ``model``, for their own optimizer group."""
-    return [m.gate for m in model.modules() if isinstance(m, InfiniMemory)]

@@ -55,7 +55,7 @@ class KNNMemoryAttention(AttentionMemory):
         k = nn.functional.normalize(k, dim=-1)
         return q, k, 1.0
 
-    def forward(self, x, q, k, v, local_out, mask, commit):
+    def forward(self, q, k, v, local_out, mask, commit):
         # The store is written in place: a checkpointed segment recomputed in backward
         # reads what its first run retrieved and writes nothing (memory/state.py).
         hit = remember(self, lambda: None if self.store.is_empty() else self._retrieve(q))

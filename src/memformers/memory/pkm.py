@@ -234,7 +234,7 @@ class ProductKeyMemory(nn.Module):
     keys; w = softmax(scores); m(x) = sum_{i in I} w_i v_i, summed over heads.
     """
 
-    def __init__(self, cfg: PKMConfig, *, d_model: int, shared: dict | None = None):
+    def __init__(self, cfg: PKMConfig, *, d_model: int, shared_modules: dict | None = None):
         super().__init__()
         if cfg.k_dim % 2:
             raise MemformersError(f"model.pkm.k_dim must be even, got {cfg.k_dim}")
@@ -256,7 +256,7 @@ class ProductKeyMemory(nn.Module):
             raise MemformersError(f"model.pkm.query_norm must be batchnorm, layernorm or none; "
                                   f"got '{cfg.query_norm}'")
         self.keys = nn.Parameter(init_subkeys(cfg.heads, cfg.n_keys, cfg.k_dim // 2))
-        self.values = self._value_table(cfg, d_model, shared)
+        self.values = self._value_table(cfg, d_model, shared_modules)
         if cfg.memory_plus:  # W2((sum_i s_i v_i) * silu(W1 x))
             self.gate = nn.Linear(d_model, d_model, bias=False)
             self.down = nn.Linear(d_model, d_model, bias=False)
@@ -276,16 +276,19 @@ class ProductKeyMemory(nn.Module):
                   "optimizer": "sparse_adam" if self.sparse else "adamw"}
         return [values, {"params": [self.keys], "weight_decay": 0.0, "name": "pkm_keys"}]
 
-    def _value_table(self, cfg: PKMConfig, d_model: int, shared: dict | None) -> nn.EmbeddingBag:
-        if cfg.share_values and shared is not None and "pkm_values" in shared:
-            table = shared["pkm_values"]
+    def _value_table(self, cfg: PKMConfig, d_model: int,
+                     shared_modules: dict | None) -> nn.EmbeddingBag:
+        """A new value table, or with ``share_values`` the one in ``shared_modules`` (the
+        model's dict of modules shared across layers), put there by the first layer."""
+        if cfg.share_values and shared_modules is not None and "pkm_values" in shared_modules:
+            table = shared_modules["pkm_values"]
             if table.weight.shape != (self.n_slots, d_model) or table.sparse != self.sparse:
                 raise MemformersError("model.pkm.share_values: layers disagree on the value table")
             return table
         table = nn.EmbeddingBag(self.n_slots, d_model, mode="sum", sparse=self.sparse)
         nn.init.normal_(table.weight, mean=0.0, std=d_model ** -0.5)
-        if cfg.share_values and shared is not None:
-            shared["pkm_values"] = table
+        if cfg.share_values and shared_modules is not None:
+            shared_modules["pkm_values"] = table
         return table
 
     def extra_repr(self) -> str:
@@ -343,12 +346,11 @@ def pkm_modules(model: nn.Module) -> Iterator[tuple[str, ProductKeyMemory]]:
             yield name, mod
 
 
-def value_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every PKM value table of ``model``, each once (a shared table is counted once)."""
-    seen: dict[int, nn.Parameter] = {}
+def value_tables(model: nn.Module) -> list[nn.Module]:
+    """Every PKM value table (module) of ``model``, each once (a shared table comes once)."""
+    seen: dict[int, nn.Module] = {}
     for _, mod in pkm_modules(model):
-        p = mod.values.weight
-        seen.setdefault(id(p), p)
+        seen.setdefault(id(mod.values), mod.values)
     return list(seen.values())
 
 
@@ -388,5 +390,5 @@ def pkm_usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
 __all__ = [
     "MaskedBatchNorm1d", "PKMUsage", "ProductKeyMemory", "pkm_modules",
     "pkm_usage_report", "product_topk", "resolve_sparse", "track_pkm_usage", "usage_stats",
-    "value_parameters",
+    "value_tables",
 ]

@@ -3,7 +3,8 @@
     q, k, v = W_q x, W_k x, W_v x                       (B, H, L, d)
     q, k    = memory.transform_qk(q, k)                 (e.g. kNN: L2-normalise)
     local   = SDPA(q, [k_cache; k], [v_cache; v], bias + causal + validity mask)
-    out     = memory(x, q, k, v, local)                 (gate memory and local)
+    out     = memory(q, k, v, local)                    (gate memory and local; the
+                                                         continuous memory also gets x)
     y       = W_o concat_heads(out)
 
 Position information (T5 bias or RoPE) only touches the local path.
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         mask: torch.Tensor,  # (B, L) bool, real tokens
         rel_bias: RelativePositionBias | None,
         commit: bool = True,
-        shared: dict | None = None,  # per-forward scratch: layers reuse one additive mask
+        mask_cache: dict | None = None,  # per forward: layers reuse one additive mask
     ) -> torch.Tensor:
         B, L, _ = x.shape
         H, d = self.n_heads, self.head_dim
@@ -100,18 +101,19 @@ class Attention(nn.Module):
         # Additive mask (B or 1, H or 1, L, C+L): position bias, causality, cache validity.
         # Every layer's cache holds the same segment, so all layers share one mask.
         key = ("attn_mask", L, C, q.dtype)
-        attn_mask = shared.get(key) if shared is not None else None
+        attn_mask = mask_cache.get(key) if mask_cache is not None else None
         if attn_mask is None:
             attn_mask = self._additive_mask(B, L, C, valid, rel_bias, x.device, q.dtype)
-            if shared is not None:
-                shared[key] = attn_mask
+            if mask_cache is not None:
+                mask_cache[key] = attn_mask
 
         local = causal_sdpa(q_pos, k_pos, values, attn_mask, scale,
                             self.dropout if self.training else 0.0)  # (B, H, L, d)
 
         out = local
         if self.memory is not None:
-            out = self.memory(x, q, k, v, local, mask, commit)
+            layer_input = {"x": x} if self.memory.needs_layer_input else {}
+            out = self.memory(q, k, v, local, mask, commit, **layer_input)
         if commit and self.cache is not None:
             self.cache.write(k, v, mask)
         return self.out(out.transpose(1, 2).reshape(B, L, H * d))

@@ -1,5 +1,10 @@
 """Feed-forward blocks. ``build_ffn`` is the one place a layer's FFN is chosen,
-so a product-key memory can replace it (``model.pkm.layers``)."""
+so a product-key memory can replace it (``model.pkm.layers``).
+
+Every FFN is called as ``ffn(x, mask)`` with x (B, L, D) and the (B, L) bool mask of
+real tokens: the product-key memory's query BatchNorm takes its statistics from the
+real tokens only; the dense MLP works token by token and ignores the mask.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D); ``mask`` is the FFN interface's, unused here."""
         h = self.up(x)
         if self.kind == "swiglu":
             a, b = h.chunk(2, dim=-1)

@@ -30,7 +30,7 @@ from memformers.model.position import RelativePositionBias, Rotary
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary | None, shared: dict):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary | None, shared_modules: dict):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(
@@ -38,12 +38,12 @@ class Block(nn.Module):
             memory=build_attention_memory(cfg, layer), rotary=rotary, dropout=cfg.dropout,
         )
         self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = build_ffn(cfg, layer, shared)
+        self.ffn = build_ffn(cfg, layer, shared_modules)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, rel_bias, commit, shared=None):
+    def forward(self, x, mask, rel_bias, commit, mask_cache=None):
         """-> (block output, the FFN's normalised input), each (B, L, D)."""
-        x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit, shared))
+        x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit, mask_cache))
         h = self.norm2(x)
         return x + self.drop(self.ffn(h, mask)), h
 
@@ -57,8 +57,9 @@ class MemformerLM(nn.Module):
                                               cfg.rel_bias_lr_scale, cfg.rel_bias_init_slope)
                          if cfg.position == "t5" else None)
         rotary = Rotary(cfg.head_dim, cfg.rope_base) if cfg.position == "rope" else None
-        shared: dict = {}  # modules shared across layers (e.g. one PKM value table)
-        self.blocks = nn.ModuleList(Block(cfg, i, rotary, shared) for i in range(cfg.n_layers))
+        shared_modules: dict = {}  # modules shared across layers (e.g. one PKM value table)
+        self.blocks = nn.ModuleList(Block(cfg, i, rotary, shared_modules)
+                                    for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # the training-free kNN-LM over the model's own hidden states (no parameters)
@@ -113,9 +114,9 @@ class MemformerLM(nn.Module):
         keys (B, L, D): h or the last FFN's normalised input, the (B, L) bool mask)."""
         mask = begin_segment(self, tokens, new_doc, mask)
         x = self.embed(tokens)  # (B, L, D)
-        shared: dict = {}  # per-forward scratch shared by the layers (the attention mask)
+        mask_cache: dict = {}  # per-forward: the additive attention mask every layer reuses
         for block in self.blocks:
-            x, ffn_input = block(x, mask, self.rel_bias, commit, shared)
+            x, ffn_input = block(x, mask, self.rel_bias, commit, mask_cache)
         h = self.norm(x)  # (B, L, D)
         return h, ffn_input if self.cfg.knnlm.key == "ffn_input" else h, mask
 

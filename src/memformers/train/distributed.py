@@ -119,12 +119,9 @@ def is_sharded(train_cfg, env: DistEnv) -> bool:
 
 
 def _value_tables(model: nn.Module) -> list[nn.Module]:
-    from memformers.memory.pkm import pkm_modules
+    from memformers.memory.pkm import value_tables
 
-    seen: dict[int, nn.Module] = {}
-    for _, m in pkm_modules(model):
-        seen.setdefault(id(m.values), m.values)  # a shared table comes once
-    return list(seen.values())
+    return value_tables(model)
 
 
 def wrap(window: nn.Module, model: nn.Module, train_cfg, env: DistEnv) -> nn.Module:

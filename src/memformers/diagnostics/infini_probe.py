@@ -384,11 +384,11 @@ def write_and_read(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
         for s in range(0, N, chunk):
             k = keys[:, None, s:s + chunk].float()  # (B, 1, l, d)
             v = values[:, None, s:s + chunk].float()
-            mem(None, k, k, v, torch.zeros_like(v), torch.ones(B, k.shape[2], dtype=torch.bool),
+            mem(k, k, v, torch.zeros_like(v), torch.ones(B, k.shape[2], dtype=torch.bool),
                 True)
         q = queries[:, None].float()  # (B, 1, Q, d)
         zero = torch.zeros_like(q)
-        out = mem(None, q, q, zero, zero, torch.ones(B, q.shape[2], dtype=torch.bool), False)
+        out = mem(q, q, zero, zero, torch.ones(B, q.shape[2], dtype=torch.bool), False)
     return (out / mem.gate_values().view(1, 1, 1, 1))[:, 0]  # local_out = 0: out = g A_mem
 
 

@@ -1,4 +1,5 @@
-"""Infini-attention probes (evaluate/infini_probe.py): capacity, sensitivity, needle share."""
+"""Infini-attention probes (diagnostics/infini_probe.py): capacity, sensitivity, needle
+share."""
 
 import dataclasses
 
@@ -7,7 +8,7 @@ import torch
 
 from memformers.config import load_config
 from memformers.data.tokenizer import ByteTokenizer
-from memformers.evaluate.infini_probe import (
+from memformers.diagnostics.infini_probe import (
     capacity_probe,
     diagnose_passkey,
     make_passkey_pair,
