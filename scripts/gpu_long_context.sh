@@ -21,14 +21,15 @@ timeout 150 python benchmarks/bench_pkm.py --device cuda --full --repeats 9 \
 # A 1M-entry memory per (prompt, head): 8 x 1M x 32 x 2 x 2 B = 1 GiB per prompt; search
 # tiles of 256M fp32 scores (1 GiB) keep three jobs within the GPU's memory.
 for d in 0.1 0.5 0.9; do
-    run "knn1m-$d" python scripts/passkey_finetune.py --out "$out/knn1m-$d" --init passkey-knn \
-        --steps 0 --set model.knn.capacity=1048576 --set model.knn.search_chunk=65536 \
-        --set model.knn.search_tile=268435456 --eval-lengths 1048576 --eval-depths "$d" \
-        --samples 3
+    run "knn1m-$d" python -m memformers eval passkey-knn --out "$out/knn1m-$d" \
+        --set model.knn.capacity=1048576 --set model.knn.search_chunk=65536 \
+        --set model.knn.search_tile=268435456 --passkey-lengths 1048576 \
+        --passkey-depths "$d" --passkey-samples 3
 done
-run infini-bptt16 python scripts/passkey_finetune.py --out "$out/infini-bptt16" \
-    --grad-segments 16 --steps 600 --save-every 100 --set "model.infini.layers=[3]" \
-    --eval-lengths 4096,16384 --samples 4
+run infini-bptt16 python -m memformers train --config configs/passkey-finetune.toml \
+    --run-dir "$out/infini-bptt16" --set train.bptt_segments=16 --set train.steps=600 \
+    --set train.ckpt_every=100 --set model.knn.layers=[] --set "model.infini.layers=[3]" \
+    --set task.eval_lengths=[4096,16384] --set task.eval_samples=4
 wait
 
 sort_variant() {  # name, length, --set values...

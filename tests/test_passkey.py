@@ -333,7 +333,7 @@ def test_evaluate_passkey_tiny_model(tmp_path):
 
 def test_heatmap_from_a_stored_passkey_json(tmp_path):
     res = {"lengths": [4096, 16384], "depths": [0.1, 0.9], "accuracy": [[1.0, 0.5], [0.0, 1.0]]}
-    script = tmp_path / "finetune.json"  # as scripts/passkey_finetune.py writes it
+    script = tmp_path / "finetune.json"  # a result held under "passkey"
     script.write_text(json.dumps({"train_log": [], "passkey": res}))
     png = plot_passkey_file(script)
     assert png == tmp_path / "finetune.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

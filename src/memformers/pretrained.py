@@ -6,7 +6,8 @@ its record (``assets/demo-base.json``) holds the command, the sha256 and the
 held-out figures. ``train.init_from = "demo-base"`` starts a run from it.
 
 ``passkey-knn``: demo-base with a 65K kNN memory, fine-tuned on GPU for 1,500
-steps on passkey prompts of <= 4K tokens (scripts/passkey_finetune.py); it
+steps on passkey prompts of <= 4K tokens (configs/passkey-finetune.toml,
+then run as scripts/passkey_finetune.py); it
 retrieves the key from 64K-256K tokens. Its record holds the model config,
 so ``load_shipped_model("passkey-knn")`` needs no config file.
 """

@@ -43,6 +43,7 @@ import torch
 from memformers.errors import MemformersError
 from memformers.memory.configs import InfiniConfig
 from memformers.memory.infini import InfiniMemory, read_memory, sigma
+from memformers.runner import SegmentRunner, segments_of
 from memformers.tasks.passkey import ANSWER, NEEDLE, Tokenizer, build_passkey_prompt
 
 # ----------------------------------------------------------------------------- prompts
@@ -200,18 +201,10 @@ def run_segments(model: torch.nn.Module, tokens: torch.Tensor, segment_len: int
     B, T = tokens.shape
     if T % segment_len:
         raise MemformersError(f"length {T} must be a multiple of segment_len {segment_len}")
-    was_training = model.training
-    model.eval()
-    first = torch.ones(B, dtype=torch.bool, device=tokens.device)
-    cont = torch.zeros_like(first)
-    try:
-        with torch.no_grad(), InfiniRecorder(model) as rec:
-            model.allocate_state(B, tokens.device)
-            for s in range(T // segment_len):
-                logits = model(tokens[:, s * segment_len:(s + 1) * segment_len],
-                               new_doc=first if s == 0 else cont)
-    finally:
-        model.train(was_training)
+    runner = SegmentRunner(model)
+    with runner.fresh_state(B, tokens.device), InfiniRecorder(model) as rec:
+        for _, logits, _ in runner.run(segments_of(tokens, segment_len)):  # noqa: B007
+            pass  # the recorder's hooks keep what the probes read; the last logits are returned
     if not rec.records:
         raise MemformersError("the model has no Infini-attention layer (model.infini.layers)")
     return rec.records, logits.float()

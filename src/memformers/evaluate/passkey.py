@@ -119,7 +119,7 @@ def plot_passkey_heatmap(result: dict, path: str | Path, title: str = "Passkey r
 
 def plot_passkey_file(path: str | Path, png: str | Path | None = None) -> Path:
     """Render the heatmap of a stored passkey result (``evaluate_passkey``'s JSON, or one
-    holding it under ``"passkey"`` as scripts/passkey_finetune.py writes) to ``png``
+    holding it under ``"passkey"``) to ``png``
     (default: next to the JSON, same name); returns the PNG's path."""
     path = Path(path)
     try:

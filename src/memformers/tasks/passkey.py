@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from memformers.errors import MemformersError
+from memformers.tasks.base import Task
 
 PREFIX = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -198,7 +199,7 @@ def build_passkey_corpus(out_dir, n_docs: int, min_len: int, max_len: int, *,
                             overwrite=overwrite, progress=False)
 
 
-class PasskeyTask:
+class PasskeyTask(Task):
     """Fine-tuning on passkey prompts (``memformers train --task passkey``).
 
     Every window is one batch of prompts of a length drawn from ``task.lengths``, needle
@@ -222,6 +223,12 @@ class PasskeyTask:
         self.lengths, self.grad_segments = lengths, grad_segments
         self.eval_lengths, self.eval_depths = eval_lengths, eval_depths
         self.eval_samples, self.seed = eval_samples, seed
+        for key, values in (("task.lengths", lengths), ("task.eval_lengths", eval_lengths)):
+            for n in values:  # fail before training, not at the first short prompt
+                try:
+                    build_passkey_prompt(tokenizer, n - digits - 1, 0.5, "0" * digits)
+                except MemformersError as e:
+                    raise MemformersError(f"{key}: {e}") from None
         self.length_rng = np.random.default_rng(seed)  # the same on every process
         self.rng = np.random.default_rng([seed, rank])  # this process's prompts
 
