@@ -102,16 +102,6 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "su
                            ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
-    """Auxiliary losses a memory may expose (e.g. the infinity-former's KL term)."""
-    total = 0.0
-    for m in model.modules():
-        aux = getattr(m, "aux_loss", None)
-        if isinstance(aux, torch.Tensor):
-            total = total + aux
-    return total
-
-
 class SegmentRunner:
     """Runs segments through ``model``: autocast, grad / no-grad, activation checkpointing.
 
@@ -127,14 +117,19 @@ class SegmentRunner:
         self.checkpoint_activations = checkpoint_activations
 
     def forward(self, seg: Segment) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """One segment: (logits (B, L, V), the auxiliary losses of this forward)."""
+        """One segment: (logits (B, L, V), the sum of this forward's auxiliary losses, which
+        the model returns through its ``aux_losses`` list when the segment is trained)."""
+        grad = seg.grad and torch.is_grad_enabled()
         kwargs = dict(new_doc=seg.new_doc, mask=seg.mask, commit=seg.commit)
-        with torch.set_grad_enabled(seg.grad and torch.is_grad_enabled()), self.autocast:
-            if seg.grad and self.checkpoint_activations and torch.is_grad_enabled():
+        aux: list[torch.Tensor] = []
+        if grad:
+            kwargs["aux_losses"] = aux
+        with torch.set_grad_enabled(grad), self.autocast:
+            if grad and self.checkpoint_activations:
                 logits = checkpoint_segment(self.model, seg.tokens, **kwargs)
             else:
                 logits = self.model(seg.tokens, **kwargs)
-            return logits, aux_losses(self.model) if seg.grad else 0.0
+        return logits, sum(aux) if aux else 0.0
 
     def run(self, segments: Iterable[Segment], device: torch.device | str | None = None
             ) -> Iterator[tuple[Segment, torch.Tensor, torch.Tensor | float]]:

@@ -156,6 +156,7 @@ class HFMemoryLM(nn.Module):
         new_doc: torch.Tensor | None = None,  # (B,) bool: these rows forget their memory first
         mask: torch.Tensor | None = None,  # (B, L) bool: real tokens
         commit: bool = True,  # write this segment into memory
+        aux_losses: list | None = None,  # unused: the retrofitted memories have none
     ) -> torch.Tensor:  # (B, L, V) logits
         L = tokens.shape[1]
         if self.max_len and L > self.max_len:

@@ -3,9 +3,11 @@
 An ``AttentionMemory`` sees the layer's projected queries, keys and values
 (before any position encoding, since memories carry no position information)
 and the output of ordinary local attention, and returns the combined head
-outputs; a memory with ``needs_layer_input`` also gets the layer input ``x``
-(the infinity-former writes it to its long-term memory). It owns its per-stream
-state (``StreamState``) and only writes to it when ``commit`` is True.
+outputs. A memory may ask for more through ``extra_inputs``: the layer input ``x``
+(the infinity-former writes it to its long-term memory) and ``aux_losses``, the list
+the forward's caller collects auxiliary losses in (the memory appends its own; they are
+returned to the caller, never kept on the module). It owns its per-stream state
+(``StreamState``) and only writes to it when ``commit`` is True.
 
 kNN memory, Infini-attention and the infinity-former each implement this in
 one file; ``memformers.memory.build_attention_memory`` picks one per layer.
@@ -26,9 +28,10 @@ class AttentionMemory(StreamState, nn.Module):
     # Set under FSDP2, which needs a gradient (zero if need be) for every parameter on
     # every rank: the memory then keeps skipped parameters in the graph.
     touch_skipped_parameters = False
-    # True when forward also takes the layer input as keyword ``x`` (B, L, D), after the
-    # pre-norm (continuous.py); the others read only q, k, v and the local output.
-    needs_layer_input = False
+    # Keywords forward also takes: "x", the layer input (B, L, D) after the pre-norm, and
+    # "aux_losses", a list to append auxiliary losses to (None when the caller wants none)
+    # (continuous.py takes both); the others read only q, k, v and the local output.
+    extra_inputs: tuple[str, ...] = ()
 
     def transform_qk(
         self, q: torch.Tensor, k: torch.Tensor

@@ -61,8 +61,8 @@ def gaussian_kl(mu: torch.Tensor, var: torch.Tensor, mu0: float, sigma0: float) 
 
 class ContinuousMemory(AttentionMemory):
     state_kind = "continuous"
-    carried = ("coef", "filled", "hist", "aux_loss")  # all rebound, never written in place
-    needs_layer_input = True  # the LTM stores the layer input x, not k or v
+    carried = ("coef", "filled", "hist")  # all rebound, never written in place
+    extra_inputs = ("x", "aux_losses")  # the LTM stores the layer input x, not k or v
 
     def __init__(self, cfg: ContinuousConfig, *, n_heads: int, head_dim: int, d_model: int):
         super().__init__()
@@ -85,7 +85,6 @@ class ContinuousMemory(AttentionMemory):
         self.coef: torch.Tensor | None = None  # (B, N, e) detached
         self.filled: torch.Tensor | None = None  # (B,) bool: LTM non-empty
         self.hist: torch.Tensor | None = None  # (B, bins) last attention histogram (sticky)
-        self.aux_loss: torch.Tensor | None = None  # kl_weight * KL of the last forward
         self._operators: dict[tuple[bytes, bytes], torch.Tensor] = {}  # ridge G by design
 
     # ----------------------------------------------------------------- state
@@ -95,7 +94,6 @@ class ContinuousMemory(AttentionMemory):
         self.coef = torch.zeros(batch_size, N, e, device=device)
         self.filled = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.hist = torch.zeros(batch_size, self.cfg.sticky_bins, device=device)
-        self.aux_loss = None
 
     def reset(self, streams: torch.Tensor) -> None:
         if self.coef is None:
@@ -140,6 +138,7 @@ class ContinuousMemory(AttentionMemory):
         commit: bool,
         *,
         x: torch.Tensor,  # (B, L, D) layer input (after the pre-norm): what the LTM stores
+        aux_losses: list[torch.Tensor] | None = None,  # gets kl_weight * KL (eq. 15)
     ) -> torch.Tensor:  # (B, H, L, d)
         B, L, _ = x.shape
         if self.coef is None:
@@ -149,7 +148,9 @@ class ContinuousMemory(AttentionMemory):
                                   f"got a batch of {B}; call allocate() first")
         with torch.autocast(device_type=x.device.type, enabled=False):
             c, mu, var = self.read(q.float())  # (B, H, L, d), (B, H, L) x 2
-            self.aux_loss = self._kl(mu, var, mask)
+            kl = self._kl(mu, var, mask)
+            if kl is not None and aux_losses is not None:
+                aux_losses.append(kl)
             if commit:
                 self.write(x.detach().float(), mu.detach(), var.detach(), mask)
         return local_out + c.to(local_out.dtype)

@@ -77,6 +77,7 @@ class Attention(nn.Module):
         rel_bias: RelativePositionBias | None,
         commit: bool = True,
         mask_cache: dict | None = None,  # per forward: layers reuse one additive mask
+        aux_losses: list | None = None,  # per forward: the memories' auxiliary losses
     ) -> torch.Tensor:
         B, L, _ = x.shape
         H, d = self.n_heads, self.head_dim
@@ -112,8 +113,9 @@ class Attention(nn.Module):
 
         out = local
         if self.memory is not None:
-            layer_input = {"x": x} if self.memory.needs_layer_input else {}
-            out = self.memory(q, k, v, local, mask, commit, **layer_input)
+            extras = {"x": x, "aux_losses": aux_losses}
+            out = self.memory(q, k, v, local, mask, commit,
+                              **{name: extras[name] for name in self.memory.extra_inputs})
         if commit and self.cache is not None:
             self.cache.write(k, v, mask)
         return self.out(out.transpose(1, 2).reshape(B, L, H * d))

@@ -41,9 +41,10 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, layer, shared_modules)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, rel_bias, commit, mask_cache=None):
+    def forward(self, x, mask, rel_bias, commit, mask_cache=None, aux_losses=None):
         """-> (block output, the FFN's normalised input), each (B, L, D)."""
-        x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit, mask_cache))
+        x = x + self.drop(self.attn(self.norm1(x), mask, rel_bias, commit, mask_cache,
+                                    aux_losses))
         h = self.norm2(x)
         return x + self.drop(self.ffn(h, mask)), h
 
@@ -102,21 +103,23 @@ class MemformerLM(nn.Module):
         new_doc: torch.Tensor | None = None,  # (B,) bool: reset these streams first
         mask: torch.Tensor | None = None,  # (B, L) bool: real tokens
         commit: bool = True,  # write this segment into per-stream state
+        aux_losses: list | None = None,  # a list: the memories append auxiliary losses to it
     ) -> torch.Tensor:  # (B, L, V) logits; log-probabilities with the kNN-LM on
-        h, knnlm_keys, mask = self.features(tokens, new_doc=new_doc, mask=mask, commit=commit)
+        h, knnlm_keys, mask = self.features(tokens, new_doc=new_doc, mask=mask, commit=commit,
+                                            aux_losses=aux_losses)
         logits = self.head(h)  # (B, L, V)
         if self.knnlm is not None:
             logits = self.knnlm(logits, knnlm_keys, tokens, mask, commit)
         return logits
 
-    def features(self, tokens, *, new_doc=None, mask=None, commit=True):
+    def features(self, tokens, *, new_doc=None, mask=None, commit=True, aux_losses=None):
         """The blocks without the output head: (final hidden states h (B, L, D), the kNN-LM's
         keys (B, L, D): h or the last FFN's normalised input, the (B, L) bool mask)."""
         mask = begin_segment(self, tokens, new_doc, mask)
         x = self.embed(tokens)  # (B, L, D)
         mask_cache: dict = {}  # per-forward: the additive attention mask every layer reuses
         for block in self.blocks:
-            x, ffn_input = block(x, mask, self.rel_bias, commit, mask_cache)
+            x, ffn_input = block(x, mask, self.rel_bias, commit, mask_cache, aux_losses)
         h = self.norm(x)  # (B, L, D)
         return h, ffn_input if self.cfg.knnlm.key == "ffn_input" else h, mask
 
