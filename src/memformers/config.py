@@ -66,6 +66,9 @@ class ModelConfig:
     infini: InfiniConfig = field(default_factory=InfiniConfig)
     continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
     knnlm: KNNLMConfig = field(default_factory=KNNLMConfig)  # output-side kNN-LM (no training)
+    # attention memories added from outside the package (memory.register_attention_memory):
+    # name -> its config, the table [model.memories.NAME] built as the class's config_class
+    memories: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -241,8 +244,23 @@ def _resolve_auto_layers(raw: dict) -> dict:
 
 def config_from_dict(raw: dict) -> RunConfig:
     cfg = build_table(RunConfig, _resolve_auto_layers(raw))
+    _build_registered_memories(cfg.model)
     validate(cfg)
     return cfg
+
+
+def _build_registered_memories(model: ModelConfig) -> None:
+    """[model.memories.NAME] tables as the config class of the memory registered as NAME."""
+    from memformers.memory import ATTENTION_MEMORIES, attention_memory_class
+
+    for name, raw in list(model.memories.items()):
+        key = f"model.memories.{name}"
+        if name not in ATTENTION_MEMORIES or hasattr(model, name):
+            raise MemformersError(f"{key}: no attention memory is registered as '{name}' "
+                                  "(memformers.memory.register_attention_memory)")
+        if not isinstance(raw, dict):
+            raise MemformersError(f"config key '{key}' must be a table, got {raw!r}")
+        model.memories[name] = build_table(attention_memory_class(name).config_class, raw, key)
 
 
 def read_toml(path: str | Path, what: str = "config file") -> dict:
@@ -345,8 +363,8 @@ def validate(cfg: RunConfig) -> None:
                "train.checkpoint_activations does not support a Hugging Face model "
                "(model.hf_path)")
     used: dict[int, str] = {}
-    for name in ("knn", "infini", "continuous"):
-        sub = getattr(m, name)
+    for name, sub in [*((n, getattr(m, n)) for n in ("knn", "infini", "continuous")),
+                      *m.memories.items()]:
         for layer in sub.layers:
             _check(bool(m.hf_path) or 0 <= layer < m.n_layers,
                    f"model.{name}.layers: layer {layer} does not exist (model has "

@@ -4,8 +4,15 @@ Attention memories (one per layer at most):   knn, infini, continuous
 FFN replacement:                              pkm (product-key memory)
 All per-stream state implements ``memformers.memory.state.StreamState``.
 
-Adding a mechanism = one new file with an ``AttentionMemory`` subclass, its
-config dataclass in ``configs.py``, and one line in ``ATTENTION_MEMORIES``.
+Adding a mechanism = one file with an ``AttentionMemory`` subclass (its per-stream state,
+``planned_state_bytes``, optimiser ``param_groups``, auxiliary losses and checkpointing
+all come through the ``StreamState`` / ``AttentionMemory`` contract) and its config
+dataclass as the class's ``config_class``, plus one registry line:
+``register_attention_memory("name", "module:Class")``. Its layers are then configured
+under ``[model.memories.name]``; the trainer, evaluation, checkpoints and
+``memory.persist`` need no change (tests/test_plugin_memory.py proves it with a toy
+mechanism). The built-in kNN, Infini and continuous memories have their own
+``[model.knn]``-style tables (``config.ModelConfig``).
 """
 
 from __future__ import annotations
@@ -25,9 +32,22 @@ ATTENTION_MEMORIES = {
 }
 
 
-def _load(path: str):
+def _load(path):
+    if not isinstance(path, str):  # registered as the class itself
+        return path
     module, cls = path.split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def register_attention_memory(name: str, path) -> None:
+    """Make the ``AttentionMemory`` subclass ``path`` ("module:Class", or the class) the
+    mechanism ``name``, configured by ``[model.memories.<name>]`` (its ``config_class``)."""
+    ATTENTION_MEMORIES[name] = path
+
+
+def memory_config(model_cfg, name: str):
+    """The config of mechanism ``name`` in ``model_cfg`` (None when it is not configured)."""
+    return getattr(model_cfg, name, None) or model_cfg.memories.get(name)
 
 
 def attention_memory_class(name: str) -> type[AttentionMemory]:
@@ -37,8 +57,8 @@ def attention_memory_class(name: str) -> type[AttentionMemory]:
 
 def build_attention_memory(model_cfg, layer: int) -> AttentionMemory | None:
     for name, path in ATTENTION_MEMORIES.items():
-        sub = getattr(model_cfg, name)
-        if layer in sub.layers:
+        sub = memory_config(model_cfg, name)
+        if sub is not None and layer in sub.layers:
             return _load(path)(sub, n_heads=model_cfg.n_heads, head_dim=model_cfg.head_dim,
                                d_model=model_cfg.d_model)
     return None
@@ -46,7 +66,8 @@ def build_attention_memory(model_cfg, layer: int) -> AttentionMemory | None:
 
 def configured_mechanisms(model_cfg) -> list[str]:
     """The long-term memories ``model_cfg`` places in layers, by registry name (and pkm)."""
-    return [name for name in (*ATTENTION_MEMORIES, "pkm") if getattr(model_cfg, name).layers]
+    return [name for name in (*ATTENTION_MEMORIES, "pkm")
+            if (sub := memory_config(model_cfg, name)) is not None and sub.layers]
 
 
 def resolve_for_device(model_cfg, device, train_cfg) -> None:
@@ -73,4 +94,5 @@ def build_ffn(model_cfg, layer: int, shared_modules: dict) -> nn.Module:
 
 
 __all__ = ["AttentionMemory", "StreamState", "attention_memory_class", "build_attention_memory",
-           "build_ffn", "configured_mechanisms", "resolve_for_device"]
+           "build_ffn", "configured_mechanisms", "memory_config", "register_attention_memory",
+           "resolve_for_device"]
