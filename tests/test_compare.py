@@ -430,7 +430,7 @@ class BruteForceMemory(AttentionMemory):
     def gate_values(self):
         return torch.sigmoid(self.gate.detach())
 
-    def forward(self, x, q, k, v, local_out, mask, commit):
+    def forward(self, q, k, v, local_out, mask, commit):
         scores = q @ self.k.transpose(-1, -2) / self.d**0.5  # (B, H, L, N)
         scores = scores.masked_fill(~self.valid[:, None, None, :], float("-inf"))
         mem = torch.nan_to_num(torch.softmax(scores, -1)) @ self.v  # (B, H, L, d)

@@ -26,17 +26,13 @@ from memformers.tasks.sorting import train_eval_sorting
 def measure_state_bytes(model, segment_len: int, device) -> int:
     """Per-stream state bytes after two segments of one stream (fills XL caches)."""
     from memformers.memory.state import state_bytes_per_stream
+    from memformers.runner import SegmentRunner, segments_of
 
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model.allocate_state(1, device)
-        tokens = torch.zeros(1, segment_len, dtype=torch.long, device=device)
-        for i in range(2):
-            model(tokens, new_doc=torch.tensor([i == 0], device=device))
-    n = state_bytes_per_stream(model)
-    model.train(was)
-    return int(n)
+    runner = SegmentRunner(model)
+    with runner.fresh_state(1, device):
+        tokens = torch.zeros(1, 2 * segment_len, dtype=torch.long, device=device)
+        list(runner.run(segments_of(tokens, segment_len)))
+        return int(state_bytes_per_stream(model))
 
 
 def resolve_doc_index(split, spec: EvalSpec, n_docs: int) -> int:
