@@ -76,7 +76,7 @@ def test_whole_memory_round_trip(tmp_path):
     save_memory(a, tmp_path / "all.mem")
     b = every_memory()
     load_memory(b, tmp_path / "all.mem")
-    assert b._batch_size == 3
+    assert b.n_streams == 3
     nxt = torch.randint(0, 64, (3, L))
     assert torch.equal(feed(a, nxt, first=False)[0], feed(b, nxt, first=False)[0])
 

@@ -15,9 +15,9 @@ from memformers.memory.pkm import (
     resolve_sparse,
     track_pkm_usage,
     usage_stats,
-    value_tables,
 )
 from memformers.model import MemformerLM, lm_loss
+from memformers.train.distributed import separately_sharded
 from memformers.train.optim import build_optimizers, set_lr
 
 
@@ -180,10 +180,10 @@ def test_shared_values_one_parameter_counted_once():
     a, b = model.blocks[0].ffn, model.blocks[2].ffn
     assert a.values.weight is b.values.weight
     assert a.keys is not b.keys
-    assert len(value_tables(model)) == 1
+    assert len(separately_sharded(model)) == 1
     unshared = MemformerLM(ModelConfig(**{**cfg.__dict__, "pkm": PKMConfig(
         layers=[0, 2], n_keys=8, k_dim=8, heads=2, top_k=2)}))
-    assert len(value_tables(unshared)) == 2
+    assert len(separately_sharded(unshared)) == 2
     assert unshared.num_parameters() - model.num_parameters() == 64 * 16
 
 

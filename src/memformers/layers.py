@@ -48,19 +48,19 @@ class _Streams(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self._batch_size = 0  # streams the state is allocated for (memory/state.py contract)
+        self.n_streams = 0  # streams the state is allocated for (memory/state.py contract)
 
     def allocate_state(self, batch_size: int, device=None) -> None:
         device = device or next(self.parameters(), torch.zeros(0)).device
         for _, s in iter_stream_states(self):
             s.allocate(batch_size, device)
-        self._batch_size = batch_size
+        self.n_streams = batch_size
 
     def _begin(self, batch_size: int, device, new_doc: torch.Tensor | None) -> None:
-        if batch_size != self._batch_size:
-            if self._batch_size and self._holds_state():
+        if batch_size != self.n_streams:
+            if self.n_streams and self._holds_state():
                 raise MemformersError(f"{type(self).__name__} holds the state of "
-                                      f"{self._batch_size} streams but got a batch of "
+                                      f"{self.n_streams} streams but got a batch of "
                                       f"{batch_size}; call .reset() first")
             self.allocate_state(batch_size, device)
         if new_doc is not None:
@@ -73,10 +73,10 @@ class _Streams(nn.Module):
     def reset(self, streams: torch.Tensor | None = None) -> None:
         """Forget every stream (default) or those flagged in ``streams`` (B,) bool."""
         if streams is None:
-            self._batch_size = 0
+            self.n_streams = 0
             for _, s in iter_stream_states(self):
                 s.allocate(0, next(self.parameters(), torch.zeros(0)).device)
-        elif self._batch_size:
+        elif self.n_streams:
             reset_states(self, torch.as_tensor(streams, dtype=torch.bool))
 
     def detach(self) -> None:
@@ -86,7 +86,7 @@ class _Streams(nn.Module):
     def save(self, path: str | Path) -> None:
         """Every stream's state as one safetensors file."""
         save_file(collect_state_tensors(self), str(path),
-                  metadata={"streams": str(self._batch_size)})
+                  metadata={"streams": str(self.n_streams)})
 
     def load(self, path: str | Path) -> None:
         """State saved by ``save`` from a layer built with the same arguments."""

@@ -110,15 +110,8 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     out["by_position"] = {name: _summary(a, int(t), int(c))
                           for name, a, t, c in zip(bucket_names(buckets), nll_l, tok_l, byte_l)
                           if t > 0}
-    pkms = [m for _, m in pkm_modules(model)]
-    if pkms:  # slot usage of each product-key layer, summed over ranks
-        if world_size > 1:
-            for m in pkms:
-                counts = torch.tensor([m.usage.tokens], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(m.usage.counts)
-                torch.distributed.all_reduce(counts)
-                m.usage.tokens = int(counts.item())
-        out["pkm_usage"] = pkm_usage_report(model)
+    if any(True for _ in pkm_modules(model)):  # slot usage per product-key layer
+        out["pkm_usage"] = pkm_usage_report(model, world_size)
     if record_docs:
         out["per_token"] = {d: np.concatenate(v).tolist() if v else [] for d, v in recorded.items()}
     return out

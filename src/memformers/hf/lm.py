@@ -114,7 +114,7 @@ class HFMemoryLM(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.source = source
-        self._batch_size = 0
+        self.n_streams = 0
         self.max_len = max_positions(hf_model.config)
 
     @classmethod
@@ -144,7 +144,7 @@ class HFMemoryLM(nn.Module):
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None) -> None:
         allocate_states(self, batch_size, device or next(self.parameters()).device)
-        self._batch_size = batch_size
+        self.n_streams = batch_size
 
     def detach_state(self) -> None:
         detach_states(self)

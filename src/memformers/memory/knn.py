@@ -136,3 +136,15 @@ class KNNMemoryAttention(AttentionMemory):
 
     def state_bytes_per_stream(self) -> int:
         return knn_footprint_bytes(self.cfg, self.n_heads, self.head_dim, 1, 1)
+
+    def storage_settings(self) -> dict:
+        return {"capacity": self.cfg.capacity, "storage_dtype": self.cfg.storage_dtype}
+
+    def adopt_storage_settings(self, settings: dict) -> None:
+        self.set_storage(settings["capacity"], settings["storage_dtype"])
+
+    def describe_settings(self, settings: dict) -> str:
+        return f"kNN capacity {settings['capacity']} ({settings['storage_dtype']})"
+
+    def tokens_written(self) -> list[int]:
+        return self.store.count.tolist()

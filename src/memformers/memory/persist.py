@@ -39,7 +39,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from memformers.errors import MemformersError
-from memformers.memory.knn import KNNMemoryAttention
 from memformers.memory.state import (
     collect_state_tensors,
     iter_stream_states,
@@ -72,8 +71,10 @@ def _modules(model: torch.nn.Module) -> dict[str, str]:
     return {name: type(s).__name__ for name, s in iter_stream_states(model)}
 
 
-def _knn(model: torch.nn.Module) -> list[tuple[str, KNNMemoryAttention]]:
-    return [(n, s) for n, s in iter_stream_states(model) if isinstance(s, KNNMemoryAttention)]
+def _settings(model: torch.nn.Module) -> dict[str, dict]:
+    """{module name: its storage settings} of the states that have some."""
+    return {n: s.storage_settings() for n, s in iter_stream_states(model)
+            if s.storage_settings()}
 
 
 def save_memory(model: torch.nn.Module, path: str | Path, *, stream: int | None = None,
@@ -88,14 +89,16 @@ def save_memory(model: torch.nn.Module, path: str | Path, *, stream: int | None 
         raise MemformersError(f"stream {stream} does not exist: the model holds state for "
                               f"{n} streams")
     tensors = collect_state_tensors(model, None if stream is None else [stream])
-    knn = _knn(model)
-    count = tensors.get(f"{knn[0][0]}.count") if knn else None
+    settings = _settings(model)
+    first = next(iter(settings.values()), {})  # also top level, as version-2 readers expect
+    written = next((w for _, s in iter_stream_states(model)
+                    if (w := s.tokens_written()) is not None), None)
     manifest = {
         "format": FORMAT, "version": VERSION, "streams": 1 if stream is not None else n,
         "saved_stream": stream, "modules": modules,
-        "capacity": knn[0][1].cfg.capacity if knn else None,
-        "storage_dtype": knn[0][1].cfg.storage_dtype if knn else None,
-        "tokens_written": None if count is None else count.tolist(),
+        "capacity": first.get("capacity"), "storage_dtype": first.get("storage_dtype"),
+        "settings": settings,
+        "tokens_written": written if written is None or stream is None else [written[stream]],
         "fingerprint": fingerprint(model), **(extra or {}),
     }
     out = Path(path).expanduser()
@@ -159,16 +162,20 @@ def load_memory(model: torch.nn.Module, path: str | Path, *, stream: int | None 
         raise MemformersError(f"memory {path} was made by other weights (fingerprint "
                               f"{manifest['fingerprint']}, model {fingerprint(model)}); "
                               "pass strict=False to load it anyway")
-    knn = [s for _, s in _knn(model)]
-    storage = (manifest["capacity"], manifest["storage_dtype"])
+    states = dict(iter_stream_states(model))
+    saved_settings = manifest.get("settings") or {  # memories saved before "settings"
+        name: {"capacity": manifest["capacity"], "storage_dtype": manifest["storage_dtype"]}
+        for name in _settings(model)}
     if stream is not None:
         if manifest["streams"] != 1:
             raise MemformersError(f"memory {path} holds {manifest['streams']} streams; save "
                                   "one (save_memory(..., stream=i)) to load it into a stream")
-        if knn and (knn[0].cfg.capacity, knn[0].cfg.storage_dtype) != tuple(storage):
-            raise MemformersError(f"memory {path} has kNN capacity {storage[0]} "
-                                  f"({storage[1]}); this model {knn[0].cfg.capacity} "
-                                  f"({knn[0].cfg.storage_dtype})")
+        for name, settings in saved_settings.items():
+            state = states[name]
+            if settings != state.storage_settings():
+                raise MemformersError(
+                    f"memory {path} has {state.describe_settings(settings)}; this model "
+                    f"{state.describe_settings(state.storage_settings())}")
     try:
         with safe_open(str(Path(path).expanduser() / TENSORS), framework="pt") as f:
             saved = {k: f.get_tensor(k) for k in f.keys()}  # mapped, not read
@@ -179,8 +186,8 @@ def load_memory(model: torch.nn.Module, path: str | Path, *, stream: int | None 
     if stream is not None:
         load_collected_state_tensors(model, saved, into=[stream])
         return manifest
-    for memory in knn:
-        memory.set_storage(*storage)
+    for name, settings in saved_settings.items():
+        states[name].adopt_storage_settings(settings)
     if hasattr(model, "allocate_state"):  # MemformerLM, HFMemoryLM
         model.allocate_state(manifest["streams"])
     else:  # a Hugging Face retrofit, perhaps spread over devices: each layer on its own

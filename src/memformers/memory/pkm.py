@@ -267,6 +267,11 @@ class ProductKeyMemory(nn.Module):
         """Sparse value gradients (``cfg.sparse``; "auto" unresolved = dense)."""
         return self.cfg.sparse is True
 
+    def separately_sharded(self) -> list[nn.Module]:
+        """Modules FSDP2 shards over every process on their own (``train.shard_pkm_values``,
+        train/distributed.py): the value table (a shared one is the same module)."""
+        return [self.values]
+
     def param_groups(self, train_cfg) -> list[dict]:
         """Optimiser groups (see ``train.optim``): the values get their own constant-lr
         Adam without weight decay (SparseAdam with ``sparse``); sub-keys are not decayed.
@@ -346,14 +351,6 @@ def pkm_modules(model: nn.Module) -> Iterator[tuple[str, ProductKeyMemory]]:
             yield name, mod
 
 
-def value_tables(model: nn.Module) -> list[nn.Module]:
-    """Every PKM value table (module) of ``model``, each once (a shared table comes once)."""
-    seen: dict[int, nn.Module] = {}
-    for _, mod in pkm_modules(model):
-        seen.setdefault(id(mod.values), mod.values)
-    return list(seen.values())
-
-
 @contextmanager
 def track_pkm_usage(model: nn.Module):
     """Accumulate slot weights of every PKM layer while inside the block.
@@ -371,8 +368,20 @@ def track_pkm_usage(model: nn.Module):
             m.usage.enabled = False
 
 
-def pkm_usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Usage metrics per PKM layer (by module name), plus "shared" for a shared table."""
+def pkm_usage_report(model: nn.Module, world_size: int = 1) -> dict[str, dict[str, float]]:
+    """Usage metrics per PKM layer (by module name), plus "shared" for a shared table.
+
+    ``world_size > 1`` (every rank calls this): the counts of all ranks, all-reduced."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for _, m in pkm_modules(model):
+            if m.usage.counts is not None:
+                tokens = torch.tensor([m.usage.tokens], dtype=torch.float64,
+                                      device=m.usage.counts.device)
+                dist.all_reduce(m.usage.counts)
+                dist.all_reduce(tokens)
+                m.usage.tokens = int(tokens.item())
     report: dict[str, dict[str, float]] = {}
     by_table: dict[int, list[PKMUsage]] = {}
     for name, mod in pkm_modules(model):
@@ -390,5 +399,4 @@ def pkm_usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
 __all__ = [
     "MaskedBatchNorm1d", "PKMUsage", "ProductKeyMemory", "pkm_modules",
     "pkm_usage_report", "product_topk", "resolve_sparse", "track_pkm_usage", "usage_stats",
-    "value_tables",
 ]

@@ -12,11 +12,16 @@ memory, a continuous memory -- implements ``StreamState``:
   (safetensors-friendly, so memories can be checkpointed and inspected), every
   one with the stream as its first dimension; zeros are the empty state
 * ``state_bytes_per_stream()``     footprint of the state held now
+* ``storage_settings()`` / ``adopt_storage_settings()`` / ``tokens_written()``  what a
+  saved memory records (``memory.persist``)
 * ``planned_state_bytes(segment_len, itemsize)``  footprint once a stream is under way,
   known before anything is allocated (for the memory budget and the state report), and
   ``state_kind`` / ``describe_state(...)`` to name it in that report
 
-Modules own their state; the model finds them with ``iter_stream_states``.
+Modules own their state; the model finds them with ``iter_stream_states``. A model that
+walks streams (``MemformerLM``, ``hf.lm.HFMemoryLM``) has ``allocate_state(B, device)`` and
+a public ``n_streams`` (the B its state is allocated for); its forward starts with
+``begin_segment``, which re-allocates when a batch of another size comes.
 Writing state only happens when the forward pass is told to ``commit`` the
 segment, so generation can re-run a partial segment without side effects.
 
@@ -101,6 +106,22 @@ class StreamState:
         """How ``planned_state_bytes`` adds up, for one module, in words."""
         return f"{self.planned_state_bytes(segment_len, itemsize):,} B"
 
+    # persistence (memory/persist.py): the sizes a saved state only fits under
+    def storage_settings(self) -> dict:
+        """Settings the state's tensors are shaped by (e.g. a kNN ring's capacity and
+        dtype), saved with a memory; {} when the config alone shapes them."""
+        return {}
+
+    def adopt_storage_settings(self, settings: dict) -> None:
+        """Empty state shaped by saved ``storage_settings`` (loading a whole memory)."""
+
+    def describe_settings(self, settings: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in settings.items())
+
+    def tokens_written(self) -> list[int] | None:
+        """Tokens written per stream since its last reset, where the state counts them."""
+        return None
+
 
 def iter_stream_states(model: nn.Module) -> Iterator[tuple[str, StreamState]]:
     for name, module in model.named_modules():
@@ -124,12 +145,12 @@ def begin_segment(model: nn.Module, tokens: torch.Tensor, new_doc: torch.Tensor 
                   mask: torch.Tensor | None) -> torch.Tensor:
     """The prologue of a stream model's forward; returns the (B, L) bool mask.
 
-    (Re)allocates state when the number of streams B changed (``model._batch_size``,
+    (Re)allocates state when the number of streams B changed (``model.n_streams``,
     ``model.allocate_state``), defaults the mask to all-real, and clears the streams
     whose ``new_doc`` flag is set.
     """
     B, L = tokens.shape
-    if B != model._batch_size:
+    if B != model.n_streams:
         model.allocate_state(B, tokens.device)
     if mask is None:
         mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
@@ -144,10 +165,10 @@ def detach_states(model: nn.Module) -> None:
 
 
 def stream_count(model: nn.Module) -> int:
-    """Streams the model's state is allocated for (``model._batch_size`` where the model
+    """Streams the model's state is allocated for (``model.n_streams`` where the model
     keeps it, else read off the state tensors, e.g. of a Hugging Face retrofit)."""
-    if hasattr(model, "_batch_size"):
-        return model._batch_size
+    if hasattr(model, "n_streams"):
+        return model.n_streams
     return max((t.shape[0] for _, s in iter_stream_states(model)
                 for t in s.state_tensors().values()), default=0)
 

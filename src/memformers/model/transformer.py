@@ -72,7 +72,7 @@ class MemformerLM(nn.Module):
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual outputs
             if name.endswith("attn.out.weight") or name.endswith("ffn.down.weight"):
                 nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
-        self._batch_size = 0
+        self.n_streams = 0
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -86,7 +86,7 @@ class MemformerLM(nn.Module):
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None) -> None:
         """Fresh, empty per-stream state for ``batch_size`` streams."""
         allocate_states(self, batch_size, device or self.embed.weight.device)
-        self._batch_size = batch_size
+        self.n_streams = batch_size
 
     def detach_state(self) -> None:
         detach_states(self)
@@ -122,6 +122,10 @@ class MemformerLM(nn.Module):
             x, ffn_input = block(x, mask, self.rel_bias, commit, mask_cache, aux_losses)
         h = self.norm(x)  # (B, L, D)
         return h, ffn_input if self.cfg.knnlm.key == "ffn_input" else h, mask
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """What FSDP2 shards one by one under ``train.parallel = "fsdp"``: the blocks."""
+        return list(self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -118,10 +118,15 @@ def is_sharded(train_cfg, env: DistEnv) -> bool:
     return env.enabled and (train_cfg.parallel == "fsdp" or train_cfg.shard_pkm_values)
 
 
-def _value_tables(model: nn.Module) -> list[nn.Module]:
-    from memformers.memory.pkm import value_tables
-
-    return value_tables(model)
+def separately_sharded(model: nn.Module) -> list[nn.Module]:
+    """The modules that modules ask to have sharded over every process on their own
+    (``separately_sharded()``: product-key value tables), each once."""
+    seen: dict[int, nn.Module] = {}
+    for m in model.modules():
+        if callable(getattr(m, "separately_sharded", None)):
+            for unit in m.separately_sharded():
+                seen.setdefault(id(unit), unit)
+    return list(seen.values())
 
 
 def wrap(window: nn.Module, model: nn.Module, train_cfg, env: DistEnv) -> nn.Module:
@@ -131,7 +136,7 @@ def wrap(window: nn.Module, model: nn.Module, train_cfg, env: DistEnv) -> nn.Mod
     """
     if not env.enabled:
         return window
-    sparse = any(getattr(m, "sparse", False) for m in _value_tables(model))
+    sparse = any(getattr(m, "sparse", False) for m in separately_sharded(model))
     if is_sharded(train_cfg, env):
         _fully_shard(model, train_cfg, env)
         return window
@@ -165,11 +170,11 @@ def _fully_shard(model: nn.Module, train_cfg, env: DistEnv) -> None:
     for m in model.modules():  # FSDP2 reduce-scatters the gradients every rank has: all
         if isinstance(m, AttentionMemory) and m.may_skip_parameters:
             m.touch_skipped_parameters = True
-    for table in _value_tables(model):  # before the blocks, so a shared table is one unit
-        fully_shard(table, mesh=shard_all)
-    if train_cfg.parallel == "fsdp":
-        for block in model.blocks:
-            fully_shard(block, mesh=dense)
+    for unit in separately_sharded(model):  # before the blocks: a shared table is one unit
+        fully_shard(unit, mesh=shard_all)
+    if train_cfg.parallel == "fsdp":  # the model's own units (MemformerLM: its blocks)
+        for unit in getattr(model, "fsdp_units", list)():
+            fully_shard(unit, mesh=dense)
     fully_shard(model, mesh=dense)
 
 
