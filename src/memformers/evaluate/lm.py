@@ -22,7 +22,7 @@ import torch.distributed
 from tqdm import tqdm
 
 from memformers.data.streaming import DocumentStreams
-from memformers.memory.pkm import pkm_modules, pkm_usage_report, track_pkm_usage
+from memformers.memory import track_usage, usage_report
 from memformers.runner import SegmentRunner
 
 POSITION_BUCKETS = (0, 2048, 8192, 32768)
@@ -70,7 +70,7 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     bar = tqdm(total=total, desc="eval", unit="tok", disable=not progress, leave=False)
     runner = SegmentRunner(model, autocast)
     seen = 0
-    with runner.fresh_state(len(streams.rows), device), track_pkm_usage(model):
+    with runner.fresh_state(len(streams.rows), device), track_usage(model):
         for batch, logits, _ in runner.run(streams, device):
             targets = batch.targets
             nll = torch.nn.functional.cross_entropy(
@@ -110,8 +110,7 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     out["by_position"] = {name: _summary(a, int(t), int(c))
                           for name, a, t, c in zip(bucket_names(buckets), nll_l, tok_l, byte_l)
                           if t > 0}
-    if any(True for _ in pkm_modules(model)):  # slot usage per product-key layer
-        out["pkm_usage"] = pkm_usage_report(model, world_size)
+    out.update(usage_report(model, world_size))  # e.g. slot usage per product-key layer
     if record_docs:
         out["per_token"] = {d: np.concatenate(v).tolist() if v else [] for d, v in recorded.items()}
     return out

@@ -18,6 +18,7 @@ mechanism). The built-in kNN, Infini and continuous memories have their own
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -78,6 +79,25 @@ def resolve_for_device(model_cfg, device, train_cfg) -> None:
     model_cfg.pkm = resolve_sparse(model_cfg.pkm, device, train_cfg)
 
 
+@contextmanager
+def track_usage(model: nn.Module):
+    """Collect the memories' usage statistics while inside the block (product keys: the
+    weight each slot receives); ``usage_report`` then reads them."""
+    from memformers.memory.pkm import track_pkm_usage
+
+    with track_pkm_usage(model):
+        yield
+
+
+def usage_report(model: nn.Module, world_size: int = 1) -> dict:
+    """What ``track_usage`` collected, summed over ranks: {"pkm_usage": {...}} or {}."""
+    from memformers.memory.pkm import pkm_modules, pkm_usage_report
+
+    if not any(True for _ in pkm_modules(model)):
+        return {}
+    return {"pkm_usage": pkm_usage_report(model, world_size)}
+
+
 def build_ffn(model_cfg, layer: int, shared_modules: dict) -> nn.Module:
     """The layer's FFN: a product-key memory if listed in ``model.pkm.layers``.
 
@@ -95,4 +115,4 @@ def build_ffn(model_cfg, layer: int, shared_modules: dict) -> nn.Module:
 
 __all__ = ["AttentionMemory", "StreamState", "attention_memory_class", "build_attention_memory",
            "build_ffn", "configured_mechanisms", "memory_config", "register_attention_memory",
-           "resolve_for_device"]
+           "resolve_for_device", "track_usage", "usage_report"]
