@@ -102,6 +102,80 @@ def test_faiss_fifo_drops_oldest_block_whole():
     assert kept == [4, 5, 6, 7, 8, 9]
 
 
+def _block_and_exact(capacity=256, bs=32, probe=None, group=4, B=2):
+    common = dict(capacity=capacity, top_k=8, block_size=bs, block_group=group,
+                  block_probe=probe or capacity // bs)
+    stores = [KNNStore(KNNConfig(backend=b, **common), H, D) for b in ("exact", "block")]
+    for st in stores:
+        st.allocate(B, "cpu")
+    return stores
+
+
+def _write_both(stores, n, seed, mask=None):
+    g = torch.Generator().manual_seed(seed)
+    B = stores[0].batch_size
+    k = torch.nn.functional.normalize(torch.randn(B, H, n, D, generator=g), dim=-1)
+    v = torch.randn(B, H, n, D, generator=g)
+    mask = torch.ones(B, n, dtype=torch.bool) if mask is None else mask
+    for st in stores:
+        st.write(k, v, mask)
+
+
+def _same_results(stores, seed):
+    q = torch.randn(stores[0].batch_size * H, 12, D, generator=torch.Generator().manual_seed(seed))
+    (es, ei), (bs_, bi) = (st.search(q, 8) for st in stores)
+    assert torch.allclose(es, bs_, atol=1e-5)  # same scores (ties may swap slots)
+    assert torch.equal(ei == -1, bi == -1)
+    keys, _ = stores[1].gather(bi)  # the returned slots really carry the returned scores
+    real = bi >= 0
+    assert torch.allclose(torch.einsum("sqd,sqkd->sqk", q, keys)[real], bs_[real], atol=1e-2)
+    return ei, bi
+
+
+def test_block_search_probing_every_block_is_exact_search():
+    """Every block probed: the block backend returns exact search's result, over full,
+    partial (a block half written) and wrapped rings."""
+    stores = _block_and_exact()
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    mask[1, 50:] = False  # stream 1: 50 rows, its second block half full
+    _write_both(stores, 200, 1, mask)
+    _same_results(stores, 2)
+    _write_both(stores, 300, 3)  # stream 0 wraps (500 rows into 256 slots)
+    ei, bi = _same_results(stores, 4)
+    assert (bi < 256).all() and bi.numel()
+
+
+def test_block_search_fifo_and_reset_are_those_of_exact_search():
+    stores = _block_and_exact(capacity=64, bs=16)
+    for step in range(6):  # 6 x 24 rows into 64 slots: wraps twice
+        _write_both(stores, 24, 10 + step)
+        if step == 3:
+            for st in stores:
+                st.reset(torch.tensor([False, True]))
+        _same_results(stores, 20 + step)
+    q = torch.randn(2 * H, 3, D)
+    for st in stores:  # the reset stream holds 2 x 24 rows since: never more
+        _, slots = st.search(q, 64)
+        assert ((slots[H:] >= 0).sum(-1) == 48).all() and ((slots[:H] >= 0).sum(-1) == 64).all()
+
+
+def test_block_search_scores_fewer_rows_and_finds_clustered_keys():
+    """Keys in clusters of consecutive rows (as a document's are): probing 2 of 16 blocks
+    finds the true top-8 of queries near one cluster."""
+    stores = _block_and_exact(capacity=256, bs=16, probe=2, group=1, B=1)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(16, D, generator=g), dim=-1)
+    k = centres.repeat_interleave(16, 0) + 0.05 * torch.randn(256, D, generator=g)
+    k = torch.nn.functional.normalize(k, dim=-1)[None, None].expand(1, H, -1, -1)
+    for st in stores:
+        st.write(k, k, torch.ones(1, 256, dtype=torch.bool))
+    q = centres[torch.randint(0, 16, (H, 12), generator=g)] + 0.05 * torch.randn(H, 12, D,
+                                                                                  generator=g)
+    (_, ei), (_, bi) = (st.search(q, 8) for st in stores)
+    recall = (bi[..., :, None] == ei[..., None, :]).any(-1).float().mean()
+    assert recall > 0.95
+
+
 # --------------------------------------------------------------------------- store
 
 

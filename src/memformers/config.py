@@ -378,7 +378,12 @@ def validate(cfg: RunConfig) -> None:
     k = m.knn
     _check(k.capacity >= 0, "model.knn.capacity must be >= 0")
     _check(k.top_k > 0, "model.knn.top_k must be positive")
-    _choice(k.backend, ("exact", "faiss"), "model.knn.backend")
+    _choice(k.backend, ("exact", "block", "faiss"), "model.knn.backend")
+    _check(k.block_size > 0 and k.block_probe > 0 and k.block_group > 0,
+           "model.knn.block_size, block_probe and block_group must be positive")
+    _check(k.backend != "block" or k.capacity % k.block_size == 0,
+           f"model.knn.capacity ({k.capacity}) must be a multiple of model.knn.block_size "
+           f"({k.block_size}) with the block backend")
     _choice(k.storage_dtype, ("float16", "bfloat16", "float32"), "model.knn.storage_dtype")
     _choice(k.faiss_index, ("flat", "ivf", "hnsw"), "model.knn.faiss_index")
     _check(k.search_chunk > 0 and k.faiss_block > 0 and k.search_tile > 0

@@ -18,7 +18,7 @@ class KNNConfig:
     layers: list[int] = field(default_factory=list)
     capacity: int = 65536  # (key, value) pairs per (stream, head), FIFO
     top_k: int = 32  # retrieved per query; a memory holding fewer rows returns what it has
-    backend: str = "exact"  # "exact" | "faiss"
+    backend: str = "exact"  # "exact" | "block" (two-stage block search) | "faiss"
     storage_dtype: str = "float16"  # "float16" | "bfloat16" | "float32"
     gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
     gate_lr: float = 1e-2  # gates and temperatures: own parameter group, no weight decay
@@ -32,6 +32,12 @@ class KNNConfig:
     faiss_ef_search: int = 64  # HNSW search breadth (raised to top_k when smaller)
     search_group: int = 16  # exact backend: rows per max-group in the two-stage top-k
     search_tile: int = 1 << 25  # exact backend: fp32 scores per batched matmul (x4 bytes)
+    # block backend (knn_store.BlockSearch): blocks of block_size consecutive ring slots,
+    # summarised by their mean key; each group of block_group queries searches the
+    # block_probe blocks whose means score highest
+    block_size: int = 64
+    block_probe: int = 32
+    block_group: int = 16
 
 
 @dataclass
