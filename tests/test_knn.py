@@ -102,10 +102,10 @@ def test_faiss_fifo_drops_oldest_block_whole():
     assert kept == [4, 5, 6, 7, 8, 9]
 
 
-def _block_and_exact(capacity=256, bs=32, probe=None, group=4, B=2):
+def _block_and_exact(capacity=256, bs=32, probe=None, group=4, B=2, backend="block"):
     common = dict(capacity=capacity, top_k=8, block_size=bs, block_group=group,
-                  block_probe=probe or capacity // bs)
-    stores = [KNNStore(KNNConfig(backend=b, **common), H, D) for b in ("exact", "block")]
+                  block_probe=probe or capacity // bs, ivf_nlist=4, ivf_nprobe=4, ivf_train=40)
+    stores = [KNNStore(KNNConfig(backend=b, **common), H, D) for b in ("exact", backend)]
     for st in stores:
         st.allocate(B, "cpu")
     return stores
@@ -132,10 +132,13 @@ def _same_results(stores, seed):
     return ei, bi
 
 
-def test_block_search_probing_every_block_is_exact_search():
-    """Every block probed: the block backend returns exact search's result, over full,
-    partial (a block half written) and wrapped rings."""
-    stores = _block_and_exact()
+@pytest.mark.parametrize("backend", ["block", "ivf"])
+def test_probing_everything_is_exact_search(backend):
+    """Every block (list) probed: the block (IVF) backend returns exact search's result,
+    over full, partial (a block half written) and wrapped rings."""
+    if backend == "ivf":
+        pytest.importorskip("faiss")
+    stores = _block_and_exact(backend=backend)
     mask = torch.ones(2, 200, dtype=torch.bool)
     mask[1, 50:] = False  # stream 1: 50 rows, its second block half full
     _write_both(stores, 200, 1, mask)
@@ -143,10 +146,15 @@ def test_block_search_probing_every_block_is_exact_search():
     _write_both(stores, 300, 3)  # stream 0 wraps (500 rows into 256 slots)
     ei, bi = _same_results(stores, 4)
     assert (bi < 256).all() and bi.numel()
+    if backend == "ivf":  # the lists answered, not the exact fallback of an untrained index
+        assert all(ivf.ready for ivf in stores[1].backend.ivf)
 
 
-def test_block_search_fifo_and_reset_are_those_of_exact_search():
-    stores = _block_and_exact(capacity=64, bs=16)
+@pytest.mark.parametrize("backend", ["block", "ivf"])
+def test_fifo_and_reset_are_those_of_exact_search(backend):
+    if backend == "ivf":
+        pytest.importorskip("faiss")
+    stores = _block_and_exact(capacity=64, bs=16, backend=backend)
     for step in range(6):  # 6 x 24 rows into 64 slots: wraps twice
         _write_both(stores, 24, 10 + step)
         if step == 3:

@@ -18,7 +18,9 @@ class KNNConfig:
     layers: list[int] = field(default_factory=list)
     capacity: int = 65536  # (key, value) pairs per (stream, head), FIFO
     top_k: int = 32  # retrieved per query; a memory holding fewer rows returns what it has
-    backend: str = "exact"  # "exact" | "block" (two-stage block search) | "faiss"
+    # "exact" | "ivf" (faiss inverted lists over the ring) | "block" (two-stage block
+    # search) | "faiss" (faiss indexes on time-ordered blocks of the ring)
+    backend: str = "exact"
     storage_dtype: str = "float16"  # "float16" | "bfloat16" | "float32"
     gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
     gate_lr: float = 1e-2  # gates and temperatures: own parameter group, no weight decay
@@ -35,6 +37,9 @@ class KNNConfig:
     # block backend (knn_store.BlockSearch): blocks of block_size consecutive ring slots,
     # summarised by their mean key; each group of block_group queries searches the
     # block_probe blocks whose means score highest
+    ivf_nlist: int = 1024  # ivf backend: lists (k-means centroids) per head
+    ivf_nprobe: int = 32  # lists a query scans
+    ivf_train: int = 16384  # keys per head the centroids are trained on, once
     block_size: int = 64
     block_probe: int = 32
     block_group: int = 16

@@ -60,6 +60,8 @@ def knn_footprint_bytes(cfg: KNNConfig, n_heads: int, head_dim: int, batch_size:
     per_vec = 2 * head_dim * STORAGE_DTYPES[cfg.storage_dtype].itemsize
     if cfg.backend == "block":
         per_vec += 4 * head_dim / cfg.block_size  # one fp32 mean key per block
+    if cfg.backend == "ivf":
+        per_vec += 4 * head_dim + 8  # faiss's fp32 copy of the key and its id
     if cfg.backend == "faiss":
         per_vec += 4 * head_dim
         if cfg.faiss_index == "hnsw":
@@ -614,7 +616,81 @@ class BlockSearch(SearchBackend):
         return out_s, out_i.masked_fill(torch.isinf(out_s), -1)
 
 
+class IVFSearch(SearchBackend):
+    """faiss inverted lists over every memory's ring (``model.knn.backend = "ivf"``).
+
+    One ``memory.ivf.IVFIndex`` per head (its streams share that head's coarse quantizer:
+    spherical k-means on the first ``ivf_train`` keys the head stores, trained once and
+    kept across documents; until then the search is exact). A query scans the
+    ``ivf_nprobe`` nearest of ``ivf_nlist`` lists, exactly (fp32 inner products). faiss
+    ids are positions in the stream, the ring slot is position mod C: a segment never
+    finds itself (it is written after its search), the oldest rows are dropped first
+    (positions below count - C are skipped, then removed), and a reset empties the
+    stream's lists -- the semantics of exact search. Real keys cluster by content, so a
+    few lists hold a query's neighbours (recall measured on recorded keys: BENCHMARKS.md).
+    """
+
+    def __init__(self, cfg: KNNConfig, n_heads: int, head_dim: int):
+        super().__init__(cfg, n_heads, head_dim)
+        from memformers.memory.ivf import IVFIndex
+
+        self.ivf = [IVFIndex(head_dim, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.ivf_train)
+                    for _ in range(n_heads)]
+        self.exact = ExactSearch(cfg, n_heads, head_dim)
+
+    def clear_all(self, store) -> None:
+        for ivf in self.ivf:
+            ivf.allocate(store.batch_size)
+
+    def reset_streams(self, store, streams: list[int]) -> None:
+        for ivf in self.ivf:
+            if ivf.ready:
+                ivf.reset(streams)
+
+    def on_write(self, store, old_count, new_count) -> None:
+        self._add(store, old_count)
+
+    def load(self, store, tensors) -> None:
+        self.clear_all(store)
+        if store.keys is not None:
+            self._add(store, torch.zeros_like(store.count))
+
+    def _add(self, store: KNNStore, old: torch.Tensor) -> None:
+        """Index the rows stored since ``old`` (per stream); before a head's quantizer is
+        trained, collect them for training (then index every stored row)."""
+        C, count = store.capacity, store.count
+        first = torch.maximum(old, count - C)  # (B,) first position still stored
+        for h, ivf in enumerate(self.ivf):
+            start = first
+            if not ivf.ready:
+                rows = [store.keys[b, h, torch.arange(int(start[b]), int(count[b])) % C]
+                        for b in range(store.batch_size)]
+                if not ivf.collect(torch.cat(rows).float().cpu().numpy()):
+                    continue
+                start = (count - C).clamp(min=0)  # trained now: index every stored row
+            for b in range(store.batch_size):
+                pos = torch.arange(int(start[b]), int(count[b]))
+                keys = store.keys[b, h, pos.to(store.device) % C].float().cpu().numpy()
+                ivf.add(b, keys, pos.numpy(), int(count[b]) - C)
+
+    def search(self, store, queries, k):
+        if not all(ivf.ready for ivf in self.ivf):
+            return self.exact.search(store, queries, k)
+        S, Q, _ = queries.shape
+        C, H = store.capacity, self.n_heads
+        q = queries.cpu().numpy()
+        out_s, out_i = torch.empty(S, Q, k), torch.empty(S, Q, k, dtype=torch.long)
+        for s in range(S):
+            b, h = divmod(s, H)
+            sim, ids = self.ivf[h].search(b, q[s], k, max(0, int(store.count[b]) - C))
+            out_s[s], ids = torch.from_numpy(sim), torch.from_numpy(ids)
+            out_i[s] = torch.where(ids < 0, ids, ids % C)
+        return out_s.to(queries.device), out_i.to(queries.device)
+
+
 def make_backend(cfg: KNNConfig, n_heads: int, head_dim: int) -> SearchBackend:
+    if cfg.backend == "ivf":
+        return IVFSearch(cfg, n_heads, head_dim)
     if cfg.backend == "exact":
         return ExactSearch(cfg, n_heads, head_dim)
     if cfg.backend == "block":
@@ -624,5 +700,5 @@ def make_backend(cfg: KNNConfig, n_heads: int, head_dim: int) -> SearchBackend:
             raise MemformersError(f"model.knn.faiss_index must be flat, ivf or hnsw; "
                                   f"got '{cfg.faiss_index}'")
         return FaissSearch(cfg, n_heads, head_dim)
-    raise MemformersError(f"model.knn.backend must be exact, block or faiss; got "
+    raise MemformersError(f"model.knn.backend must be exact, ivf, block or faiss; got "
                           f"'{cfg.backend}'")

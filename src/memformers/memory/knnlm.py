@@ -37,6 +37,7 @@ from torch import nn
 
 from memformers.errors import MemformersError
 from memformers.memory.configs import KNNLMConfig
+from memformers.memory.ivf import IVFIndex
 from memformers.memory.knn_store import STORAGE_DTYPES
 from memformers.memory.state import StreamState, remember, replaying
 
@@ -79,92 +80,6 @@ def masked_topk(
     return best_s, best_i.masked_fill(torch.isinf(best_s), -1)
 
 
-class IVFSearch:
-    """faiss inverted lists over each stream's stored keys (``model.knnlm.backend="ivf"``).
-
-    One ``IndexIVFFlat`` per stream, all sharing one coarse quantizer (k-means, spherical
-    for cosine) trained once on the first ``ivf_train`` keys the head stores; until then
-    the head searches exactly. A query scans the ``ivf_nprobe`` nearest of ``ivf_nlist``
-    lists. faiss ids are the pairs' positions in the document (pair p is the p-th pair the
-    stream stored since its reset), so FIFO eviction is an id range: searches skip ids below
-    the oldest kept position (an ``IDSelectorRange``), and the evicted ids are removed from
-    the lists in batches of ``EVICT_EVERY`` (a removal scans every list). A reset empties
-    the stream's index.
-    """
-
-    EVICT_EVERY = 4096
-
-    def __init__(self, cfg: KNNLMConfig, d: int):
-        try:
-            import faiss
-        except ImportError:
-            raise MemformersError("model.knnlm.backend='ivf' needs faiss: pip install "
-                                  "faiss-cpu") from None
-        self.faiss, self.cfg, self.d = faiss, cfg, d
-        self.cosine = cfg.similarity == "cosine"
-        self.metric = faiss.METRIC_INNER_PRODUCT if self.cosine else faiss.METRIC_L2
-        self.quantizer = None
-        self.indexes: list = []
-        self.seen: list[np.ndarray] = []  # keys collected for training
-        self.removed: list[int] = []  # per stream: ids below this are gone from the lists
-
-    @property
-    def ready(self) -> bool:
-        return self.quantizer is not None
-
-    def allocate(self, batch_size: int) -> None:
-        self.indexes = [self._new_index() if self.ready else None for _ in range(batch_size)]
-        self.removed = [0] * batch_size
-
-    def _new_index(self):
-        index = self.faiss.IndexIVFFlat(self.quantizer, self.d, self.cfg.ivf_nlist, self.metric)
-        index.is_trained = True  # the shared quantizer is
-        return index
-
-    def collect(self, keys: np.ndarray) -> bool:
-        """Keep keys for training; True once there are enough and the quantizer is trained."""
-        self.seen.append(keys)
-        if sum(len(k) for k in self.seen) < self.cfg.ivf_train:
-            return False
-        data = np.ascontiguousarray(np.concatenate(self.seen)[: self.cfg.ivf_train])
-        km = self.faiss.Kmeans(self.d, self.cfg.ivf_nlist, niter=10, seed=1234,
-                               spherical=self.cosine, verbose=False, min_points_per_centroid=1)
-        km.train(data)
-        flat = self.faiss.IndexFlatIP if self.cosine else self.faiss.IndexFlatL2
-        self.quantizer = flat(self.d)
-        self.quantizer.add(np.ascontiguousarray(km.centroids))
-        self.seen = []
-        self.allocate(len(self.indexes))
-        return True
-
-    def reset(self, streams: list[int]) -> None:
-        for b in streams:
-            if self.indexes[b] is not None:
-                self.indexes[b].reset()
-            self.removed[b] = 0
-
-    def add(self, b: int, keys: np.ndarray, ids: np.ndarray, keep_from: int) -> None:
-        """Add stream b's new keys under their positions; drop positions < keep_from."""
-        index = self.indexes[b]
-        if len(ids):
-            index.add_with_ids(np.ascontiguousarray(keys), np.ascontiguousarray(ids))
-        if keep_from - self.removed[b] >= self.EVICT_EVERY:
-            index.remove_ids(self.faiss.IDSelectorRange(0, keep_from))
-            self.removed[b] = keep_from
-
-    def search(self, b: int, q: np.ndarray, k: int, keep_from: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Stream b's top-k among ids >= ``keep_from``: (similarity (L, k): q.k for cosine,
-        -|q - k|^2 for l2, -inf where missing; positions (L, k), -1 where missing)."""
-        params = self.faiss.SearchParametersIVF(nprobe=self.cfg.ivf_nprobe)
-        if keep_from > self.removed[b]:  # evicted ids still in the lists: skip them
-            sel = self.faiss.IDSelectorRange(keep_from, 1 << 62)
-            params.sel = sel  # (``sel`` must outlive the search)
-        dist, ids = self.indexes[b].search(np.ascontiguousarray(q), k, params=params)
-        sim = dist if self.cosine else -dist
-        return np.where(ids < 0, -np.inf, sim).astype(np.float32), ids
-
-
 class KNNLM(StreamState, nn.Module):
     """The kNN-LM head; ``forward(logits, h, tokens, mask, commit) -> log p``. No parameters."""
     state_kind = "knnlm"
@@ -176,7 +91,7 @@ class KNNLM(StreamState, nn.Module):
                                   f"{', '.join(STORAGE_DTYPES)}; got '{cfg.storage_dtype}'")
         self.cfg, self.d_model = cfg, d_model
         self.dtype = STORAGE_DTYPES[cfg.storage_dtype]
-        self.ivf: IVFSearch | None = None
+        self.ivf: IVFIndex | None = None
         self.allocate(0, "cpu")
 
     # ----------------------------------------------------------------- stream state
@@ -200,7 +115,8 @@ class KNNLM(StreamState, nn.Module):
         self.pending = torch.zeros(B, dtype=torch.bool, device=dev)
         ivf = self.cfg.backend == "ivf" or (self.cfg.backend == "auto" and dev.type == "cpu")
         if ivf and self.ivf is None:  # kept across allocations: its quantizer is trained once
-            self.ivf = IVFSearch(self.cfg, self.d_model)
+            self.ivf = IVFIndex(self.d_model, self.cfg.ivf_nlist, self.cfg.ivf_nprobe,
+                                self.cfg.ivf_train, cosine=self.cfg.similarity == "cosine")
         elif not ivf:
             self.ivf = None
         if self.ivf is not None:

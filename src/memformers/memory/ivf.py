@@ -1,0 +1,101 @@
+"""Inverted-file (IVF) search over append-only streams of keys, with faiss.
+
+Used by both searches that index a per-stream history: the kNN-LM's datastore
+(memory/knnlm.py, ``model.knnlm.backend = "ivf"``) and the kNN memory's rings
+(memory/knn_store.py, ``model.knn.backend = "ivf"``, one index set per head). Keys are
+identified by their position in the stream (the p-th key stored since the stream's
+reset), so FIFO eviction of the oldest keys is an id range.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memformers.errors import MemformersError
+
+
+class IVFIndex:
+    """faiss inverted lists over each stream's stored keys.
+
+    One ``IndexIVFFlat`` per stream, all sharing one coarse quantizer (k-means, spherical
+    for cosine) trained once on the first ``train`` keys ``collect`` is given; until then
+    the owner searches exactly. A query scans the ``nprobe`` nearest of ``nlist`` lists.
+    faiss ids are the keys' positions in the stream (key p is the p-th key the stream
+    stored since its reset), so FIFO eviction is an id range: searches skip ids below
+    the oldest kept position (an ``IDSelectorRange``), and the evicted ids are removed from
+    the lists in batches of ``EVICT_EVERY`` (a removal scans every list). A reset empties
+    the stream's index.
+    """
+
+    EVICT_EVERY = 4096
+
+    def __init__(self, d: int, nlist: int, nprobe: int, train: int, cosine: bool = True):
+        try:
+            import faiss
+        except ImportError:
+            raise MemformersError("an IVF search backend needs faiss: pip install "
+                                  "faiss-cpu") from None
+        self.faiss, self.d = faiss, d
+        self.nlist, self.nprobe, self.train = nlist, nprobe, train
+        self.cosine = cosine
+        self.metric = faiss.METRIC_INNER_PRODUCT if self.cosine else faiss.METRIC_L2
+        self.quantizer = None
+        self.indexes: list = []
+        self.seen: list[np.ndarray] = []  # keys collected for training
+        self.removed: list[int] = []  # per stream: ids below this are gone from the lists
+
+    @property
+    def ready(self) -> bool:
+        return self.quantizer is not None
+
+    def allocate(self, batch_size: int) -> None:
+        self.indexes = [self._new_index() if self.ready else None for _ in range(batch_size)]
+        self.removed = [0] * batch_size
+
+    def _new_index(self):
+        index = self.faiss.IndexIVFFlat(self.quantizer, self.d, self.nlist, self.metric)
+        index.is_trained = True  # the shared quantizer is
+        return index
+
+    def collect(self, keys: np.ndarray) -> bool:
+        """Keep keys for training; True once there are enough and the quantizer is trained."""
+        self.seen.append(keys)
+        if sum(len(k) for k in self.seen) < self.train:
+            return False
+        data = np.ascontiguousarray(np.concatenate(self.seen)[: self.train])
+        km = self.faiss.Kmeans(self.d, self.nlist, niter=10, seed=1234,
+                               spherical=self.cosine, verbose=False, min_points_per_centroid=1)
+        km.train(data)
+        flat = self.faiss.IndexFlatIP if self.cosine else self.faiss.IndexFlatL2
+        self.quantizer = flat(self.d)
+        self.quantizer.add(np.ascontiguousarray(km.centroids))
+        self.seen = []
+        self.allocate(len(self.indexes))
+        return True
+
+    def reset(self, streams: list[int]) -> None:
+        for b in streams:
+            if self.indexes[b] is not None:
+                self.indexes[b].reset()
+            self.removed[b] = 0
+
+    def add(self, b: int, keys: np.ndarray, ids: np.ndarray, keep_from: int) -> None:
+        """Add stream b's new keys under their positions; drop positions < keep_from."""
+        index = self.indexes[b]
+        if len(ids):
+            index.add_with_ids(np.ascontiguousarray(keys), np.ascontiguousarray(ids))
+        if keep_from - self.removed[b] >= self.EVICT_EVERY:
+            index.remove_ids(self.faiss.IDSelectorRange(0, keep_from))
+            self.removed[b] = keep_from
+
+    def search(self, b: int, q: np.ndarray, k: int, keep_from: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Stream b's top-k among ids >= ``keep_from``: (similarity (L, k): q.k for cosine,
+        -|q - k|^2 for l2, -inf where missing; positions (L, k), -1 where missing)."""
+        params = self.faiss.SearchParametersIVF(nprobe=self.nprobe)
+        if keep_from > self.removed[b]:  # evicted ids still in the lists: skip them
+            sel = self.faiss.IDSelectorRange(keep_from, 1 << 62)
+            params.sel = sel  # (``sel`` must outlive the search)
+        dist, ids = self.indexes[b].search(np.ascontiguousarray(q), k, params=params)
+        sim = dist if self.cosine else -dist
+        return np.where(ids < 0, -np.inf, sim).astype(np.float32), ids
