@@ -9,12 +9,15 @@ come from documents and cluster in time and content. This records them:
 * ``knnlm``: demo-base's final hidden states (d 256, cosine), the kNN-LM's datastore
   keys and queries, on the same documents;
 
-then scores each with exact search and with the block backend (``BlockSearch``) over a
-grid of (block_size, block_probe, block_group): recall@k against exact, and the median
-search time of one segment's queries (methods interleaved in every repeat).
+then scores each with exact search and with the approximate backends over a grid --
+``ivf:NLIST:NPROBE:TRAIN`` (``IVFSearch``, centroids trained on the first TRAIN keys of
+each head, in the order the memory received them) and ``block:SIZE:PROBE:GROUP``
+(``BlockSearch``): recall@k against exact, and the median search time of one segment's
+queries (methods interleaved in every repeat).
 
-    python benchmarks/bench_knn_recall.py --split valid --out benchmarks/results/knn_recall_valid.json
-    python benchmarks/bench_knn_recall.py --split test --grid 64:32:16 \
+    python benchmarks/bench_knn_recall.py --split valid \
+        --out benchmarks/results/knn_recall_valid.json
+    python benchmarks/bench_knn_recall.py --split test --grid ivf:1024:32:16384 \
         --out benchmarks/results/knn_recall_test.json
 """
 
@@ -67,27 +70,41 @@ def record_streams(model_name: str, tokens: torch.Tensor, capacity: int, segment
         raise SystemExit(f"{model_name}: the documents never fill a {capacity}-row memory")
     h = torch.cat(feats, 1)  # (B, T', 256)
     n = h.shape[1]
-    captured["knnlm"] = (h[:, n - segment_len - capacity:n - segment_len].half(),
-                         h[:, n - segment_len:])
+    captured["knnlm"] = (h[:, n - segment_len - capacity:n - segment_len].half().contiguous(),
+                         h[:, n - segment_len:].contiguous())
     return captured
 
 
-def store_of(keys: torch.Tensor, cfg: KNNConfig) -> KNNStore:
+def store_of(keys: torch.Tensor, cfg: KNNConfig, heads: int) -> KNNStore:
+    """A store holding ``keys`` (S = B x heads, C, d) as B streams of ``heads`` memories,
+    written segment by segment in ring order as a model writes them (so an IVF index
+    trains each head's centroids on the first keys of that head)."""
     S, C, d = keys.shape
-    store = KNNStore(cfg, 1, d)
-    store.allocate(S, "cpu")
-    store.load_state_tensors({"count": torch.full((S,), C), "keys": keys[:, None].half(),
-                              "values": torch.zeros(S, 1, C, d, dtype=torch.float16)})
+    store = KNNStore(cfg, heads, d)
+    store.allocate(S // heads, "cpu")
+    view = keys.view(S // heads, heads, C, d)
+    for a in range(0, C, 512):
+        k = view[:, :, a:a + 512]
+        store.write(k, torch.zeros_like(k), torch.ones(S // heads, k.shape[2], dtype=torch.bool))
     return store
 
 
-def measure(keys, queries, grid, k: int, repeats: int) -> list[dict]:
+def config_of(method: str, C: int, k: int) -> KNNConfig:
+    kind, *v = method.split(":")
+    if kind == "ivf":
+        return KNNConfig(capacity=C, top_k=k, backend="ivf", ivf_nlist=int(v[0]),
+                         ivf_nprobe=int(v[1]), ivf_train=int(v[2]))
+    if kind == "block":
+        return KNNConfig(capacity=C, top_k=k, backend="block", block_size=int(v[0]),
+                         block_probe=int(v[1]), block_group=int(v[2]))
+    raise SystemExit(f"unknown method {method}: ivf:NLIST:NPROBE:TRAIN or block:SIZE:PROBE:GROUP")
+
+
+def measure(keys, queries, grid, k: int, repeats: int, heads: int) -> list[dict]:
     C = keys.shape[1]
-    stores = {"exact": store_of(keys, KNNConfig(capacity=C, top_k=k, backend="exact"))}
-    for bs, probe, group in grid:
-        stores[f"block {bs}:{probe}:{group}"] = store_of(keys, KNNConfig(
-            capacity=C, top_k=k, backend="block", block_size=bs, block_probe=probe,
-            block_group=group))
+    stores = {"exact": store_of(keys, KNNConfig(capacity=C, top_k=k, backend="exact"), heads)}
+    for method in grid:
+        stores[method] = store_of(keys, config_of(method, C, k), heads)
     truth = stores["exact"].search(queries, k)[1]  # (S, Q, k)
     rows, times = {}, {name: [] for name in stores}
     for name, store in stores.items():
@@ -114,15 +131,16 @@ def main() -> None:
     p.add_argument("--segment-len", type=int, default=256)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--grid", nargs="+", default=[
-        "32:32:16", "64:8:16", "64:16:16", "64:32:16", "64:64:16", "64:32:1", "64:32:64",
-        "128:16:16", "128:32:16"], help="block_size:block_probe:block_group")
+        "ivf:256:16:16384", "ivf:1024:16:16384", "ivf:1024:32:16384", "ivf:1024:64:16384",
+        "ivf:1024:32:65536", "ivf:4096:64:65536", "block:64:32:16", "block:64:32:1"],
+        help="ivf:NLIST:NPROBE:TRAIN or block:SIZE:PROBE:GROUP")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = [tuple(int(x) for x in g.split(":")) for g in args.grid]
+    grid = args.grid
     torch.manual_seed(0)
     need = args.capacity + 2 * args.segment_len
     split = CorpusSplit.open(args.corpus, args.split)
@@ -143,7 +161,8 @@ def main() -> None:
     results = {"split": args.split, "capacity": args.capacity, "k": args.k,
                "threads": torch.get_num_threads(), "sets": {}}
     for name, (keys, queries) in sets.items():
-        rows = measure(keys, queries, grid, args.k, args.repeats)
+        heads = 1 if "kNN-LM" in name else keys.shape[0] // 2  # two streams each
+        rows = measure(keys, queries, grid, args.k, args.repeats, heads)
         results["sets"][name] = {"memories": keys.shape[0], "dim": keys.shape[2],
                                  "queries": queries.shape[1], "rows": rows}
         print(f"\n{name}: {keys.shape[0]} memories x {keys.shape[1]:,} keys of d {keys.shape[2]}"
