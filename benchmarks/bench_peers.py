@@ -75,6 +75,8 @@ PEERS = ("memorizing-transformers-pytorch", "product-key-memory", "infini-transf
 TARGETS = {
     "knn_vs_xl": ">= 0.5 (memformers xl+knn / memformers xl, train tok/s)",
     "knn_vs_peer": ">= 2.0 (memformers / memorizing-transformers-pytorch, train tok/s)",
+    "knn_ivf_vs_xl": ">= 0.8 (memformers xl+knn with the ivf backend / memformers xl)",
+    "knn_ivf_vs_peer": ">= 2.0 (memformers ivf / memorizing-transformers-pytorch)",
     "pkm_vs_ffn": "<= 1.5 (memformers PKM / dense FFN, fwd+bwd time)",
     "pkm_vs_peer": "< 1.0 (memformers PKM / product-key-memory, fwd+bwd time)",
     "infini_vs_peer": ">= 1.5 (memformers / infini-transformer-pytorch, train tok/s)",
@@ -146,6 +148,9 @@ def bench_knn(args) -> dict:
     cap = args.capacity
     ours, ours_opts, cfg = our_lm(["model.xl_cache=true", "model.knn.layers=[4]",
                                    f"model.knn.capacity={cap}", *args.knn_set])
+    ivf, ivf_opts, _ = our_lm(["model.xl_cache=true", "model.knn.layers=[4]",
+                               f"model.knn.capacity={cap}", "model.knn.backend=ivf",
+                               *args.knn_set])
     xl, xl_opts, _ = our_lm(PRESETS["xl"])
     layer = cfg.model.knn.layers[0]
     tmp = tempfile.TemporaryDirectory(prefix="peers-knn-")
@@ -170,17 +175,21 @@ def bench_knn(args) -> dict:
     # fill both memories to `cap` tokens per stream
     fill = {}
     store = ours.blocks[layer].attn.memory.store
+    ivf_store = ivf.blocks[layer].attn.memory.store
     g = torch.Generator().manual_seed(1)
     t = time.perf_counter()
     if args.fill == "direct":
         for _ in range(cap // L):
             k, v = random_kv(L, 8, 32, g)
-            store.write(k, v, torch.ones(B, L, dtype=torch.bool))
+            for st in (store, ivf_store):
+                st.write(k, v, torch.ones(B, L, dtype=torch.bool))
     else:
         with torch.no_grad():
             for seq in batches(cap // L, 2):
                 ours(seq[:, :-1])
+                ivf(seq[:, :-1])
         ours.detach_state()
+        ivf.detach_state()
     fill["ours_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.fill == "direct":
@@ -222,6 +231,7 @@ def bench_knn(args) -> dict:
 
     times = interleaved({
         "memformers xl+knn": lambda r: our_step(ours, ours_opts, data[r]),
+        "memformers xl+knn ivf": lambda r: our_step(ivf, ivf_opts, data[r]),
         "memformers xl": lambda r: our_step(xl, xl_opts, data[r]),
         "memorizing-transformers-pytorch": their_step,
         "memorizing-transformers-pytorch, no kNN layer": plain_step,
@@ -231,20 +241,25 @@ def bench_knn(args) -> dict:
     tmp.cleanup()
     res = {name: summary(ts, B * L) for name, ts in times.items()}
     res["memformers xl+knn"]["params"] = n_params(ours)
+    res["memformers xl+knn ivf"]["params"] = n_params(ivf)
     res["memformers xl"]["params"] = n_params(xl)
     res["memorizing-transformers-pytorch"]["params"] = n_params(theirs)
     res["memorizing-transformers-pytorch, no kNN layer"]["params"] = n_params(plain)
     tok = {n: r["tokens_per_s"] for n, r in res.items()}
     vs_xl = tok["memformers xl+knn"] / tok["memformers xl"]
     vs_peer = tok["memformers xl+knn"] / tok["memorizing-transformers-pytorch"]
+    ivf_vs_xl = tok["memformers xl+knn ivf"] / tok["memformers xl"]
+    ivf_vs_peer = tok["memformers xl+knn ivf"] / tok["memorizing-transformers-pytorch"]
     plain_tok = tok["memorizing-transformers-pytorch, no kNN layer"]
     return {"contenders": res, "fill": fill | {"mode": args.fill, "capacity": cap,
                                                 "theirs_rows_after_timing": rows_after},
             "ratios": {"knn_vs_xl": vs_xl, "knn_vs_peer": vs_peer,
+                       "knn_ivf_vs_xl": ivf_vs_xl, "knn_ivf_vs_peer": ivf_vs_peer,
                        "xl_vs_peer_no_knn": tok["memformers xl"] / plain_tok,
                        "peer_knn_vs_peer_no_knn": tok["memorizing-transformers-pytorch"]
                        / plain_tok},
-            "pass": {"knn_vs_xl": vs_xl >= 0.5, "knn_vs_peer": vs_peer >= 2.0}}
+            "pass": {"knn_vs_xl": vs_xl >= 0.5, "knn_vs_peer": vs_peer >= 2.0,
+                     "knn_ivf_vs_xl": ivf_vs_xl >= 0.8, "knn_ivf_vs_peer": ivf_vs_peer >= 2.0}}
 
 
 # --------------------------------------------------------------------------- PKM

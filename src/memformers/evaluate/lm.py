@@ -45,16 +45,21 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
                 max_docs: int = 0, max_tokens: int = 0, max_doc_tokens: int = 0,
                 buckets=POSITION_BUCKETS,
                 record_docs: tuple[int, ...] = (), autocast=None, progress: bool = True,
-                rank: int = 0, world_size: int = 1) -> dict:
+                rank: int = 0, world_size: int = 1, doc_indices: list[int] | None = None
+                ) -> dict:
     """Stream held-out documents of ``split``; see module docstring.
 
     ``record_docs``: document indices whose per-token losses are returned
     (for per-token loss-difference plots; only documents of this rank's streams).
+    ``doc_indices``: the documents to stream (default: the first ``max_docs``, or all).
     """
     device = next(model.parameters()).device
     n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
+    if doc_indices is None:
+        doc_indices = list(range(n_docs))
+    n_docs = len(doc_indices)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
-                              doc_indices=list(range(n_docs)), rank=rank,
+                              doc_indices=doc_indices, rank=rank,
                               world_size=world_size, max_doc_tokens=max_doc_tokens)
     edges = torch.tensor(buckets[1:], device=device)
     tbytes = torch.as_tensor(np.asarray(token_bytes), device=device, dtype=torch.float64)
