@@ -210,6 +210,15 @@ def test_ivf_recall_on_recorded_keys_stays_above_its_bound():
     assert recall >= 0.95, recall
 
 
+def test_auto_backend_is_ivf_for_large_memories_on_the_cpu():
+    pytest.importorskip("faiss")
+    for capacity, want in [(65536, "ivf"), (16384, "exact")]:
+        store = KNNStore(KNNConfig(capacity=capacity, backend="auto"), H, D)
+        store.allocate(1, "cpu")  # storage comes on the first write: nothing allocated
+        assert store.backend_name == want and type(store.backend).__name__ == {
+            "ivf": "IVFSearch", "exact": "ExactSearch"}[want]
+
+
 # --------------------------------------------------------------------------- store
 
 
