@@ -35,9 +35,12 @@ B, H = 2, 8
 
 
 def make_store(method: str, capacity: int, d: int, k: int, block: int, device: str) -> KNNStore:
-    """``method``: exact | flat | hnsw | ivf | ivf:NPROBE (default nprobe 8)."""
+    """``method``: exact | ring-ivf (the ivf backend, its defaults) | flat | hnsw | ivf |
+    ivf:NPROBE (the faiss block backend; default nprobe 8)."""
     if method == "exact":
         cfg = KNNConfig(capacity=capacity, top_k=k, backend="exact")
+    elif method == "ring-ivf":
+        cfg = KNNConfig(capacity=capacity, top_k=k, backend="ivf")
     else:
         index, _, nprobe = method.partition(":")
         cfg = KNNConfig(capacity=capacity, top_k=k, backend="faiss", faiss_index=index,
@@ -61,8 +64,9 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="add capacity 1,048,576 and HNSW")
     ap.add_argument("--capacities", type=int, nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None,
-                    help="exact, flat, hnsw, ivf or ivf:NPROBE (default: all but hnsw; "
-                         "--full adds hnsw, whose graph build is slow)")
+                    help="exact, ring-ivf (the ivf backend), flat, hnsw, ivf or ivf:NPROBE "
+                         "(faiss blocks; default: all but hnsw; --full adds hnsw, whose "
+                         "graph build is slow)")
     ap.add_argument("--queries", type=int, default=512, help="queries per memory per segment")
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--k", type=int, default=32)
