@@ -116,10 +116,19 @@ class SegmentRunner:
         self.autocast = autocast if autocast is not None else nullcontext()
         self.checkpoint_activations = checkpoint_activations
 
-    def forward(self, seg: Segment) -> tuple[torch.Tensor, torch.Tensor | float]:
+    def forward(self, seg: Segment, call: Callable[[Segment], object] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | float]:
         """One segment: (logits (B, L, V), the sum of this forward's auxiliary losses, which
-        the model returns through its ``aux_losses`` list when the segment is trained)."""
+        the model returns through its ``aux_losses`` list when the segment is trained).
+
+        ``call(segment)``, if given, replaces the model's forward (same autocast and grad
+        mode), for a walk that needs more than logits, e.g. the kNN-LM tuner's hidden
+        states and neighbours; its result takes the logits' place and there are no
+        auxiliary losses."""
         grad = seg.grad and torch.is_grad_enabled()
+        if call is not None:
+            with torch.set_grad_enabled(grad), self.autocast:
+                return call(seg), 0.0
         kwargs = dict(new_doc=seg.new_doc, mask=seg.mask, commit=seg.commit)
         aux: list[torch.Tensor] = []
         if grad:
@@ -131,14 +140,15 @@ class SegmentRunner:
                 logits = self.model(seg.tokens, **kwargs)
         return logits, sum(aux) if aux else 0.0
 
-    def run(self, segments: Iterable[Segment], device: torch.device | str | None = None
+    def run(self, segments: Iterable[Segment], device: torch.device | str | None = None,
+            call: Callable[[Segment], object] | None = None
             ) -> Iterator[tuple[Segment, torch.Tensor, torch.Tensor | float]]:
         """The segment loop: ``(segment, logits, auxiliary losses)`` for each in turn
-        (segments moved to ``device`` first, if given)."""
+        (segments moved to ``device`` first, if given; ``call``: see ``forward``)."""
         for seg in segments:
             if device is not None:
                 seg = seg.to(device)
-            logits, aux = self.forward(seg)
+            logits, aux = self.forward(seg, call)
             yield seg, logits, aux
 
     def loss(self, segments: Iterable[Segment], aux_scale: float = 1.0,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from memformers.data.streaming import DocumentStreams
 from memformers.errors import MemformersError
+from memformers.runner import SegmentRunner
 
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 TEMPERATURES = (0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1, 0.2)
@@ -33,33 +34,35 @@ def record_neighbours(model, split, *, batch_size: int, segment_len: int, max_do
     if head is None:
         raise MemformersError("knnlm-tune needs a kNN-LM: --set model.knnlm.capacity=N")
     device = next(model.parameters()).device
-    model.eval()
     n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
                               doc_indices=list(range(n_docs)), max_doc_tokens=max_doc_tokens)
-    model.allocate_state(batch_size, device)
     out: dict[str, list] = {"log_lm": [], "sim": [], "hit": []}
     total = streams.tokens_per_epoch if not max_tokens else min(max_tokens,
                                                                   streams.tokens_per_epoch)
     bar = tqdm(total=total, desc="knnlm-tune", unit="tok", disable=not progress, leave=False)
+
+    def lm_and_neighbours(seg):  # the head's read and write, without mixing
+        h, keys, mask = model.features(seg.tokens, new_doc=seg.new_doc, mask=seg.mask)
+        sim, values = head.neighbours(keys, seg.tokens, mask)
+        head.write(keys, seg.tokens, mask)
+        return torch.log_softmax(model.head(h).float(), -1), sim, values
+
     seen = 0
-    for batch in streams:
-        tokens, targets = batch.tokens.to(device), batch.targets.to(device)
-        h, keys, mask = model.features(tokens, new_doc=batch.new_doc.to(device),
-                                       mask=batch.mask.to(device))
-        log_lm = torch.log_softmax(model.head(h).float(), -1)
-        sim, values = head.neighbours(keys, tokens, mask)
-        head.write(keys, tokens, mask)
-        valid = targets != -100
-        tgt = targets.clamp(min=0)
-        out["log_lm"].append(log_lm.gather(2, tgt[..., None])[..., 0][valid].cpu())
-        out["sim"].append(sim[valid].cpu())
-        out["hit"].append((values == tgt[..., None])[valid].cpu())
-        n = int(valid.sum())
-        seen += n
-        bar.update(n)
-        if max_tokens and seen >= max_tokens:
-            break
+    runner = SegmentRunner(model)
+    with runner.fresh_state(batch_size, device):
+        for batch, (log_lm, sim, values), _ in runner.run(streams, device, lm_and_neighbours):
+            targets = batch.targets
+            valid = targets != -100
+            tgt = targets.clamp(min=0)
+            out["log_lm"].append(log_lm.gather(2, tgt[..., None])[..., 0][valid].cpu())
+            out["sim"].append(sim[valid].cpu())
+            out["hit"].append((values == tgt[..., None])[valid].cpu())
+            n = int(valid.sum())
+            seen += n
+            bar.update(n)
+            if max_tokens and seen >= max_tokens:
+                break
     bar.close()
     return {k: torch.cat(v) for k, v in out.items()}
 
