@@ -155,7 +155,8 @@ class SegmentRunner:
              on_logits: Callable[[Segment, torch.Tensor], None] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One BPTT window: (summed token loss + ``aux_scale`` x auxiliary losses, scored
-        tokens as a 0-d tensor). Segments without targets only advance the state.
+        tokens as a 0-d tensor). Segments without targets, or without a graph, only
+        advance the state (their scored tokens are counted, not lost).
         ``on_logits(segment, logits)`` sees every segment's logits (e.g. for accuracy)."""
         total: torch.Tensor | float = 0.0
         n_targets = None
@@ -167,8 +168,6 @@ class SegmentRunner:
             n_targets = n if n_targets is None else n_targets + n
             if seg.targets is not None and seg.grad:
                 total = total + token_loss(logits, seg.targets) + aux_scale * aux
-            elif seg.targets is not None:
-                total = total + token_loss(logits, seg.targets).detach()
         if n_targets is None:
             n_targets = torch.zeros((), dtype=torch.long)
         if not isinstance(total, torch.Tensor):  # nothing was scored

@@ -9,7 +9,10 @@ reset), so FIFO eviction of the oldest keys is an id range.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import torch
 
 from memformers.errors import MemformersError
 
@@ -87,6 +90,26 @@ class IVFIndex:
         if keep_from - self.removed[b] >= self.EVICT_EVERY:
             index.remove_ids(self.faiss.IDSelectorRange(0, keep_from))
             self.removed[b] = keep_from
+
+    def add_stored(self, old: torch.Tensor, count: torch.Tensor, capacity: int,
+                   rows: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        """Index what a FIFO of ``capacity`` rows per stream stored since ``old`` (B,), now
+        ``count`` (B,) rows written per stream; ``rows(b, positions)`` gives stream b's keys
+        at those positions (any float tensor). Before the quantizer is trained the rows go
+        to ``collect``; once it is, every row still stored is indexed."""
+        start = torch.maximum(old, count - capacity)  # (B,) first position still stored
+        B = len(count)
+        if not self.ready:
+            new = [rows(b, torch.arange(int(start[b]), int(count[b]))) for b in range(B)]
+            got = (torch.cat(new).float().cpu().numpy() if new
+                   else np.zeros((0, self.d), dtype=np.float32))
+            if not self.collect(got.astype(np.float32)):
+                return
+            start = (count - capacity).clamp(min=0)  # trained now: index every stored row
+        for b in range(B):
+            pos = torch.arange(int(start[b]), int(count[b]))
+            self.add(b, rows(b, pos).float().cpu().numpy(), pos.numpy(),
+                     int(count[b]) - capacity)
 
     def search(self, b: int, q: np.ndarray, k: int, keep_from: int
                ) -> tuple[np.ndarray, np.ndarray]:

@@ -681,20 +681,10 @@ class IVFSearch(SearchBackend):
     def _add(self, store: KNNStore, old: torch.Tensor) -> None:
         """Index the rows stored since ``old`` (per stream); before a head's quantizer is
         trained, collect them for training (then index every stored row)."""
-        C, count = store.capacity, store.count
-        first = torch.maximum(old, count - C)  # (B,) first position still stored
+        C = store.capacity
         for h, ivf in enumerate(self.ivf):
-            start = first
-            if not ivf.ready:
-                rows = [store.keys[b, h, torch.arange(int(start[b]), int(count[b])) % C]
-                        for b in range(store.batch_size)]
-                if not ivf.collect(torch.cat(rows).float().cpu().numpy()):
-                    continue
-                start = (count - C).clamp(min=0)  # trained now: index every stored row
-            for b in range(store.batch_size):
-                pos = torch.arange(int(start[b]), int(count[b]))
-                keys = store.keys[b, h, pos.to(store.device) % C].float().cpu().numpy()
-                ivf.add(b, keys, pos.numpy(), int(count[b]) - C)
+            ivf.add_stored(old, store.count, C,
+                           lambda b, pos, h=h: store.keys[b, h, pos.to(store.device) % C])
 
     def search(self, store, queries, k):
         if not all(ivf.ready for ivf in self.ivf):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -301,18 +300,8 @@ class KNNLM(StreamState, nn.Module):
         """Give the faiss indexes the pairs stored since ``old`` (per stream); before the
         quantizer is trained, collect them for training (then add every stored pair)."""
         C = self.cfg.capacity
-        start = torch.maximum(old, self.count - C)  # (B,) first position still stored
-        if not self.ivf.ready:
-            new = [self.keys[b, torch.arange(int(start[b]), int(self.count[b])) % C]
-                   for b in range(len(self.count))]
-            got = torch.cat(new).float().cpu().numpy() if new else np.zeros((0, self.d_model))
-            if not self.ivf.collect(got.astype(np.float32)):
-                return
-            start = (self.count - C).clamp(min=0)  # trained now: index every stored pair
-        for b in range(len(self.count)):
-            pos = torch.arange(int(start[b]), int(self.count[b]))
-            keys = self.keys[b, pos.to(self.keys.device) % C].float().cpu().numpy()
-            self.ivf.add(b, keys, pos.numpy(), int(self.count[b]) - C)
+        self.ivf.add_stored(old, self.count, C,
+                            lambda b, pos: self.keys[b, pos.to(self.keys.device) % C])
 
     def forward(self, logits: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor, commit: bool) -> torch.Tensor:

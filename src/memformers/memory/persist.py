@@ -73,8 +73,8 @@ def _modules(model: torch.nn.Module) -> dict[str, str]:
 
 def _settings(model: torch.nn.Module) -> dict[str, dict]:
     """{module name: its storage settings} of the states that have some."""
-    return {n: s.storage_settings() for n, s in iter_stream_states(model)
-            if s.storage_settings()}
+    settings = {n: s.storage_settings() for n, s in iter_stream_states(model)}
+    return {n: v for n, v in settings.items() if v}
 
 
 def save_memory(model: torch.nn.Module, path: str | Path, *, stream: int | None = None,

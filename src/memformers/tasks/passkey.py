@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from memformers.errors import MemformersError
+from memformers.runner import Segment, segments_of
 from memformers.tasks.base import Task
 
 PREFIX = (
@@ -242,11 +244,7 @@ class PasskeyTask(Task):
                    eval_samples=t.eval_samples, digits=t.digits, seed=cfg.train.seed,
                    rank=rank, world_size=world_size)
 
-    def next_window(self):
-        import torch
-
-        from memformers.runner import segments_of
-
+    def next_window(self) -> list[Segment]:
         n = int(self.length_rng.choice(self.lengths))
         tokens, targets = passkey_training_batch(self.tokenizer, self.batch_size, n, self.rng,
                                                  digits=self.digits)
