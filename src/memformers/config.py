@@ -379,6 +379,7 @@ def validate(cfg: RunConfig) -> None:
     _check(k.capacity >= 0, "model.knn.capacity must be >= 0")
     _check(k.top_k > 0, "model.knn.top_k must be positive")
     _choice(k.backend, ("auto", "exact", "ivf", "block", "faiss"), "model.knn.backend")
+    _choice(k.combine, ("gate", "joint"), "model.knn.combine")
     _check(0 < k.ivf_nprobe <= k.ivf_nlist <= k.ivf_train,
            "model.knn: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
     _check(k.block_size > 0 and k.block_probe > 0 and k.block_group > 0,

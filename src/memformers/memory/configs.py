@@ -22,6 +22,11 @@ class KNNConfig:
     # search) | "faiss" (faiss indexes on time-ordered blocks of the ring)
     backend: str = "exact"
     storage_dtype: str = "float16"  # "float16" | "bfloat16" | "float32"
+    # how retrieved pairs join local attention: "gate" (the paper: a separate softmax over
+    # the top-k, mixed with local attention by a learned per-head gate) | "joint" (one
+    # softmax over the local window and the top-k, which hold only keys older than the
+    # window, scored with the farthest position bias plus b_h; docs/knn.md)
+    combine: str = "gate"
     gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
     gate_lr: float = 1e-2  # gates and temperatures: own parameter group, no weight decay
     scale_init: float = 8.0  # learned per-head temperature for normalised q.k

@@ -10,6 +10,18 @@ stored keys as well as to the local (XL) context:
     V_m = softmax(q K_m^T) V_m_               separate softmax over the k scores
     V   = g_h V_m + (1 - g_h) V_c,  g_h = sigmoid(b_h)
 
+With ``combine = "joint"`` the retrieved pairs join the local softmax instead, as
+keys lying beyond the window (the farthest relative-position bucket, bias beta_h):
+
+    s_m = q . k_m + beta_h + b_h                        for each of the top-k
+    V   = (sum_local e^{s} v + sum_top-k e^{s_m} v_m) / (Z_local + Z_m)
+        = w V_m + (1 - w) V_c,   w = sigmoid(log Z_m - log Z_local)
+
+and the memory only stores what has left the local window (the segment the XL cache
+drops), so no key is counted twice. A memory-free model that was pretrained with
+this layer's normalised q/k then reads the retrieved pairs as it reads far context,
+with no training (docs/knn.md, "joint").
+
 Retrieval happens BEFORE this segment's keys/values are written (a segment
 never retrieves itself). Memories carry no position information. Gradients
 reach q (and s_h) through the scores and b_h through the gate; the stored and
@@ -45,6 +57,8 @@ class KNNMemoryAttention(AttentionMemory):
         self.log_scale = nn.Parameter(torch.full((n_heads,), math.log(cfg.scale_init)))
         self.gate = nn.Parameter(torch.full((n_heads,), float(cfg.gate_init)))  # b_h
         self.store = KNNStore(cfg, n_heads, head_dim)  # plain attribute: not in state_dict
+        if cfg.combine == "joint":  # instance attribute: the inputs depend on the mode
+            self.extra_inputs = ("local_lse", "far_bias", "leaving")
 
     # ----------------------------------------------------------------- attention
 
@@ -55,17 +69,23 @@ class KNNMemoryAttention(AttentionMemory):
         k = nn.functional.normalize(k, dim=-1)
         return q, k, 1.0
 
-    def forward(self, q, k, v, local_out, mask, commit):
+    def forward(self, q, k, v, local_out, mask, commit, local_lse=None, far_bias=None,
+                leaving=None):
         # The store is written in place: a checkpointed segment recomputed in backward
         # reads what its first run retrieved and writes nothing (memory/state.py).
         hit = remember(self, lambda: None if self.store.is_empty() else self._retrieve(q))
         out = local_out
-        if hit is not None:
+        if hit is not None and self.cfg.combine == "joint":
+            out = self._read_joint(q, local_out, local_lse, far_bias, *hit)
+        elif hit is not None:
             out = self._read(q, local_out, *hit)
         elif self.touch_skipped_parameters:  # FSDP2: a zero gradient for the unused gate
             out = local_out + 0.0 * self.gate.sum().to(local_out.dtype)
         if commit and not replaying():
-            self.store.write(k, v, mask)
+            if self.cfg.combine == "gate":
+                self.store.write(k, v, mask)
+            elif leaving is not None:  # joint: only what has left the local window
+                self.store.write(*leaving)
         return out
 
     def _retrieve(self, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -91,6 +111,22 @@ class KNNMemoryAttention(AttentionMemory):
         mixed = g * mem + (1 - g) * local_out
         use = found.view(B, H, L, 1)  # empty memory -> pure local attention
         return torch.where(use, mixed, local_out)
+
+    def _read_joint(self, q, local_out, local_lse, far_bias, k_mem, v_mem, slots):
+        """One softmax over local keys and the top-k (module docstring, "joint")."""
+        B, H, L, d = q.shape
+        bias = self.gate if far_bias is None else far_bias + self.gate  # (H,)
+        qf = q.float().reshape(B * H, L, d)  # (S, L, d)
+        scores = torch.einsum("sld,slkd->slk", qf, k_mem)
+        scores = scores + bias.float().repeat(B)[:, None, None]
+        scores = scores.masked_fill(slots < 0, float("-inf"))
+        lse_mem = torch.logsumexp(scores, dim=-1)  # (S, L), -inf where nothing was found
+        found = torch.isfinite(lse_mem)
+        weights = torch.softmax(scores.masked_fill(~found[..., None], 0.0), dim=-1)
+        mem = torch.einsum("slk,slkd->sld", weights, v_mem).view(B, H, L, d)
+        w = torch.sigmoid(lse_mem - local_lse.reshape(B * H, L).float())  # Z_m / (Z_l + Z_m)
+        w = w.masked_fill(~found, 0.0).view(B, H, L, 1)
+        return (w * mem + (1 - w) * local_out.float()).to(local_out.dtype)
 
     def param_groups(self, train_cfg) -> list[dict]:
         """Gates and temperatures: scalars per head, their own higher lr, no decay

@@ -49,6 +49,14 @@ def causal_sdpa(q, k, v, attn_mask, scale, dropout_p: float) -> torch.Tensor:
     return torch.cat(out, dim=2)
 
 
+def local_logsumexp(q, k, attn_mask, scale) -> torch.Tensor:
+    """log sum_j exp(score_ij) of local attention (B, H, L): the normaliser SDPA does not
+    return, for a memory that joins the local softmax (memory/knn.py, combine "joint")."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bhld,bhcd->bhlc", q, k) * scale + attn_mask  # (B, H, L, C+L)
+    return torch.logsumexp(scores.float(), dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -113,9 +121,17 @@ class Attention(nn.Module):
 
         out = local
         if self.memory is not None:
-            extras = {"x": x, "aux_losses": aux_losses}
+            extras = {  # computed only for a memory that asks (AttentionMemory.extra_inputs)
+                "x": lambda: x,
+                "aux_losses": lambda: aux_losses,
+                "local_lse": lambda: local_logsumexp(q_pos, k_pos, attn_mask, scale),
+                "far_bias": lambda: rel_bias.farthest() if rel_bias is not None else None,
+                # what this segment pushes out of the local window: the cache's segment
+                # (or, with no XL cache, this segment itself); None while nothing does
+                "leaving": lambda: cached if self.cache is not None else (k, v, mask),
+            }
             out = self.memory(q, k, v, local, mask, commit,
-                              **{name: extras[name] for name in self.memory.extra_inputs})
+                              **{name: extras[name]() for name in self.memory.extra_inputs})
         if commit and self.cache is not None:
             self.cache.write(k, v, mask)
         return self.out(out.transpose(1, 2).reshape(B, L, H * d))

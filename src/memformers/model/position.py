@@ -56,6 +56,10 @@ class RelativePositionBias(nn.Module):
         large = large.clamp(max=self.num_buckets - 1)
         return torch.where(is_small, n, large)
 
+    def farthest(self) -> torch.Tensor:
+        """(H,) the bias of the last bucket: every distance >= max_distance."""
+        return self.emb.weight[-1]
+
     def forward(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         """(H, q_len, k_len) bias; queries are the LAST q_len of k_len positions."""
         q_pos = torch.arange(k_len - q_len, k_len, device=device)
