@@ -157,7 +157,10 @@ def test_stream_reset_and_save_load_are_exact():
     fresh = MemformerLM(cfg).eval()
     fresh.load_state_dict(m.state_dict())
     ref = fresh(docs[:, 20:30], new_doc=new)
-    assert torch.equal(after[1], ref[1]) and not torch.allclose(after[0], ref[0])
+    # (to rounding: the reset row still attends over its masked-out XL cache, which moves
+    # SDPA's summation order; 2e-7 seen)
+    assert torch.allclose(after[1], ref[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(after[0], ref[0], atol=1e-3)
     # a model loaded with the saved state continues stream 0 exactly
     other = MemformerLM(cfg).eval()
     other.load_state_dict(m.state_dict())

@@ -75,8 +75,9 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     bar = tqdm(total=total, desc="eval", unit="tok", disable=not progress, leave=False)
     runner = SegmentRunner(model, autocast)
     seen = 0
-    with runner.fresh_state(len(streams.rows), device), track_usage(model):
+    with runner.fresh_state(len(streams.rows), device), track_usage(model) as usage:
         for batch, logits, _ in runner.run(streams, device):
+            usage.observe(batch)
             targets = batch.targets
             nll = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
@@ -145,6 +146,11 @@ def format_eval(result: dict) -> str:
     for name, r in result["by_position"].items():
         lines.append(f"  tokens {name:>9}: loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  "
                      f"bpb {r['bpb']:.4f}  ({r['tokens']:,})")
+    for name, r in result.get("knn_retrieval", {}).items():
+        heads = " ".join(f"{p:.2f}" for p in r["precision"])
+        lines.append(f"  kNN {name}: retrieved pairs whose next token is the target, per "
+                     f"head: {heads} (top-1 {sum(r['top1']) / len(r['top1']):.2f}, "
+                     f"random pair {r['chance']:.2f})")
     for name, u in result.get("pkm_usage", {}).items():
         lines.append(f"  product keys {name}: {u['used']:.1%} of {u['slots']:,} slots used, "
                      f"KL from uniform {u['kl_uniform']:.3f}, 50/90/99% of the weight in "

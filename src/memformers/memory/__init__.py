@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from memformers.memory.base import AttentionMemory
@@ -79,23 +80,63 @@ def resolve_for_device(model_cfg, device, train_cfg) -> None:
     model_cfg.pkm = resolve_sparse(model_cfg.pkm, device, train_cfg)
 
 
+class UsageObserver:
+    """Handed out by ``track_usage``: ``observe(segment)`` after each segment's forward
+    gives the statistics that need the segment's targets (kNN retrieval precision) the
+    tokens they score against."""
+
+    def __init__(self, stats: list):
+        self.stats = stats
+
+    def observe(self, segment) -> None:
+        B = segment.targets.shape[0]
+        new_doc = segment.new_doc if segment.new_doc is not None else \
+            torch.zeros(B, dtype=torch.bool)
+        for s in self.stats:
+            s.observe(segment.targets, segment.mask, new_doc)
+
+
+def _retrieval_stats(model: nn.Module):
+    from memformers.memory.knn_usage import KNNRetrievalStats
+
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "retrieval", None), KNNRetrievalStats):
+            yield name.replace(".attn.memory", ""), m.retrieval
+
+
 @contextmanager
 def track_usage(model: nn.Module):
     """Collect the memories' usage statistics while inside the block (product keys: the
-    weight each slot receives); ``usage_report`` then reads them."""
+    weight each slot receives; kNN memory: how often what it retrieves predicts the next
+    token, memory/knn_usage.py); ``usage_report`` then reads them. Yields a
+    ``UsageObserver`` to hand each segment to after its forward."""
     from memformers.memory.pkm import track_pkm_usage
 
-    with track_pkm_usage(model):
-        yield
+    stats = [s for _, s in _retrieval_stats(model)]
+    for s in stats:
+        s.reset()
+        s.enabled = True
+    try:
+        with track_pkm_usage(model):
+            yield UsageObserver(stats)
+    finally:
+        for s in stats:
+            s.enabled = False
 
 
 def usage_report(model: nn.Module, world_size: int = 1) -> dict:
-    """What ``track_usage`` collected, summed over ranks: {"pkm_usage": {...}} or {}."""
+    """What ``track_usage`` collected, summed over ranks: {"pkm_usage": {...},
+    "knn_retrieval": {...}} (the parts that apply) or {}."""
     from memformers.memory.pkm import pkm_modules, pkm_usage_report
 
-    if not any(True for _ in pkm_modules(model)):
-        return {}
-    return {"pkm_usage": pkm_usage_report(model, world_size)}
+    out = {}
+    if any(True for _ in pkm_modules(model)):
+        out["pkm_usage"] = pkm_usage_report(model, world_size)
+    retrieval = {name: r for name, s in _retrieval_stats(model)
+                 if (r := s.report(world_size)) is not None}
+    if retrieval:
+        out["knn_retrieval"] = retrieval
+    return out
 
 
 def build_ffn(model_cfg, layer: int, shared_modules: dict) -> nn.Module:

@@ -41,6 +41,7 @@ from memformers.errors import MemformersError
 from memformers.memory.base import AttentionMemory
 from memformers.memory.configs import KNNConfig
 from memformers.memory.knn_store import KNNStore, knn_footprint_bytes
+from memformers.memory.knn_usage import KNNRetrievalStats
 from memformers.memory.state import remember, replaying
 
 
@@ -57,6 +58,7 @@ class KNNMemoryAttention(AttentionMemory):
         self.log_scale = nn.Parameter(torch.full((n_heads,), math.log(cfg.scale_init)))
         self.gate = nn.Parameter(torch.full((n_heads,), float(cfg.gate_init)))  # b_h
         self.store = KNNStore(cfg, n_heads, head_dim)  # plain attribute: not in state_dict
+        self.retrieval = KNNRetrievalStats(n_heads)  # evaluation statistics (track_usage)
         if cfg.combine == "joint":  # instance attribute: the inputs depend on the mode
             self.extra_inputs = ("local_lse", "far_bias", "leaving")
 
@@ -75,6 +77,10 @@ class KNNMemoryAttention(AttentionMemory):
         # reads what its first run retrieved and writes nothing (memory/state.py).
         hit = remember(self, lambda: None if self.store.is_empty() else self._retrieve(q))
         out = local_out
+        if hit is not None and self.retrieval.enabled and not replaying():
+            B, H, L, _ = q.shape
+            self.retrieval.record(hit[2].view(B, H, L, -1), self.store.count,
+                                  self.store.capacity)
         if hit is not None and self.cfg.combine == "joint":
             out = self._read_joint(q, local_out, local_lse, far_bias, *hit)
         elif hit is not None:

@@ -1,0 +1,111 @@
+"""Retrieval statistics of the kNN memory, for evaluation (issue: memory that pays off).
+
+For each query position t of a kNN layer and each retrieved pair (the stored key of
+document position w), the pair is a *hit* when the token that followed w equals the
+token t has to predict:
+
+    precision_h = #{(t, w) in top-k_h(t) : x_{w+1} = x_{t+1}} / #{(t, w) retrieved}
+    top1_h      = the same over each query's best-scoring pair only
+    chance      = mean_t #{w in memory : x_{w+1} = x_{t+1}} / #{w in memory}
+
+``chance`` is what a pair drawn at random from the same memory scores; a head whose
+precision is near it retrieves nothing that predicts the next token.
+
+How a slot maps to a document position: a stream's memory is reset at each new
+document and written with that document's real tokens in order (``combine="gate"``:
+each segment as it is read; ``"joint"``: each segment once it leaves the local
+window). The written pair number ``i`` (0-based since the reset) is therefore document
+token ``i`` and lives in ring slot ``i mod C``; with ``c`` pairs written before this
+segment, slot ``s`` holds pair ``w = c - 1 - ((c - 1 - s) mod C)``. The statistics keep
+each stream's targets since its reset to look ``x_{w+1}`` up.
+
+The memory records what it retrieved (``KNNRetrievalStats.record``, only while enabled
+by ``memformers.memory.track_usage``); the evaluation loop then hands each segment
+to ``observe`` (its targets, mask and new-document flags).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KNNRetrievalStats:
+    def __init__(self, n_heads: int):
+        self.n_heads = n_heads
+        self.enabled = False
+        self.reset()
+
+    def reset(self) -> None:
+        H = self.n_heads
+        self.hits = torch.zeros(H, dtype=torch.float64)  # retrieved pairs that predict
+        self.top1 = torch.zeros(H, dtype=torch.float64)
+        self.pairs = torch.zeros(H, dtype=torch.float64)  # retrieved pairs
+        self.queries = torch.zeros(H, dtype=torch.float64)  # queries with a top-1
+        self.chance = torch.zeros(1, dtype=torch.float64)  # sum over queries of the chance
+        self.chance_n = torch.zeros(1, dtype=torch.float64)
+        self.history: list[list[int]] = []  # per stream: targets of its document so far
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def record(self, slots: torch.Tensor, count: torch.Tensor, capacity: int) -> None:
+        """slots (B, H, L, k) retrieved (-1 = none), count (B,) pairs written before."""
+        if self.enabled:
+            self.pending.append((slots.detach().cpu(), count.detach().cpu(), capacity))
+
+    @torch.no_grad()
+    def observe(self, targets: torch.Tensor, mask: torch.Tensor, new_doc: torch.Tensor) -> None:
+        """After the forward of a segment: targets (B, L) (-100 = none), mask (B, L) real
+        tokens, new_doc (B,) the streams that started a document with this segment."""
+        targets, mask, new_doc = targets.cpu(), mask.cpu(), new_doc.cpu()
+        B = targets.shape[0]
+        while len(self.history) < B:
+            self.history.append([])
+        for b in new_doc.nonzero().flatten().tolist():
+            self.history[b] = []
+        for slots, count, C in self.pending:
+            self._score(slots, count, C, targets)
+        self.pending = []
+        for b in range(B):  # the written pairs' next tokens, in write order
+            self.history[b].extend(targets[b][mask[b]].tolist())
+
+    def _score(self, slots, count, C, targets) -> None:
+        B, H, L, k = slots.shape
+        for b in range(B):
+            c = int(count[b])
+            want = targets[b]  # (L,)
+            ok = want != -100
+            if c == 0 or not bool(ok.any()):
+                continue
+            hist = torch.tensor(self.history[b][:c], dtype=torch.long)
+            s = slots[b]  # (H, L, k)
+            found = (s >= 0) & ok[None, :, None]
+            w = c - 1 - torch.remainder(c - 1 - s.clamp(min=0), C)  # (H, L, k) pair numbers
+            nxt = hist[w.clamp(min=0, max=c - 1)]
+            hit = (nxt == want[None, :, None]) & found
+            self.hits += hit.sum((1, 2)).double()
+            self.pairs += found.sum((1, 2)).double()
+            self.top1 += hit[:, :, 0].sum(1).double()
+            self.queries += found[:, :, 0].sum(1).double()
+            stored = hist[max(0, c - C):]  # what the memory holds
+            freq = torch.bincount(stored, minlength=int(want.max()) + 1).double()
+            self.chance += (freq[want[ok].clamp(min=0)] / len(stored)).sum()
+            self.chance_n += float(ok.sum())
+
+    def report(self, world_size: int = 1) -> dict | None:
+        """{"precision": [H], "top1": [H], "chance": float, "queries": int} or None."""
+        sums = torch.cat([self.hits, self.pairs, self.top1, self.queries, self.chance,
+                          self.chance_n])
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            sums = sums.to(dev)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        H = self.n_heads
+        hits, pairs, top1, queries = sums[:H], sums[H:2 * H], sums[2 * H:3 * H], sums[3 * H:4 * H]
+        chance, chance_n = float(sums[4 * H]), float(sums[4 * H + 1])
+        if not chance_n:
+            return None
+        return {"precision": (hits / pairs.clamp(min=1)).tolist(),
+                "top1": (top1 / queries.clamp(min=1)).tolist(),
+                "chance": chance / chance_n, "queries": int(chance_n)}
