@@ -409,8 +409,9 @@ def validate(cfg: RunConfig) -> None:
     _choice(n.backend, ("auto", "exact", "ivf"), "model.knnlm.backend")
     _check(0 < n.ivf_nprobe <= n.ivf_nlist and n.ivf_train >= n.ivf_nlist,
            "model.knnlm: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
-    _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model: use "
-                                           "memformers.hf.add_memory(model, kind='knnlm')")
+    _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model needs no "
+                                           "training: use memformers.hf.add_memory(model, "
+                                           "kind='knnlm'), then memorize / ask")
 
     p = m.pkm
     _check(p.n_keys > 0 and p.heads > 0 and p.top_k > 0, "model.pkm sizes must be positive")

@@ -4,7 +4,8 @@ The paper's "minor change" as one call, for GPT-2 and the Llama family (Llama,
 Mistral, Qwen2) in ``transformers`` 5.x::
 
     model = AutoModelForCausalLM.from_pretrained("gpt2")
-    add_memory(model, kind="knn", layers=[8], capacity=65536)   # or kind="infini"
+    add_memory(model, kind="knn", layers=[8], capacity=65536)   # or kind="infini", or
+                                                # kind="knnlm" (kNN-LM, no layers, no training)
     memorize(model, tok(book, return_tensors="pt").input_ids)   # fills the memory
     out = model.generate(**tok(question, return_tensors="pt"), max_new_tokens=40)
     save_memory(model, "book.mem"); model.save_pretrained("gpt2-knn")
@@ -22,6 +23,7 @@ from memformers.hf.retrofit import (
     SUPPORTED_MODEL_TYPES,
     TRANSFORMERS_RANGE,
     add_memory,
+    knnlm_of,
     memorize,
     memory_layers,
     reset_memory,
@@ -33,6 +35,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "TRANSFORMERS_RANGE",
     "add_memory",
+    "knnlm_of",
     "load_memory",
     "load_pretrained",
     "memorize",

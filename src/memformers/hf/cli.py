@@ -4,7 +4,8 @@
                         --run-dir DIR [--resume]
         train a Hugging Face causal LM with the memformers trainer (streaming,
         checkpoints, evaluation), with model.knn / model.infini memory retrofitted;
-        the result is also exported to RUN_DIR/hf in Hugging Face format
+        the result is also exported to RUN_DIR/hf in Hugging Face format (a kNN-LM,
+        add_memory(kind="knnlm"), needs no training: memorize / ask use it as it is)
     memformers memorize --model DIR --input FILE_OR_DIR [--include GLOB ...] --out MEMDIR
         feed a large text (a book, a code base) into the model's memory and save it
     memformers ask --model DIR --memory MEMDIR --prompt TEXT [--max-new-tokens N]
@@ -86,7 +87,7 @@ def read_input_text(source: Path, include: list[str], exclude: list[str]) -> tup
 def cmd_memorize(args) -> int:
     import torch
 
-    from memformers.hf import memorize, memory_layers, reset_memory, save_memory
+    from memformers.hf import knnlm_of, memorize, memory_layers, reset_memory, save_memory
 
     model, tok, path = _model_and_tokenizer(args.model, args.device)
     text, n_files = read_input_text(Path(args.input).expanduser(), args.include, args.exclude)
@@ -95,7 +96,10 @@ def cmd_memorize(args) -> int:
         raise MemformersError(f"{args.input} holds no tokens")
     layers = memory_layers(model)
     reset_memory(model)
-    if layers[0][1].kind == "knn":  # size the ring to the text: a full ring maps back as is
+    knnlm = knnlm_of(model)
+    if knnlm is not None:  # the kNN-LM: one pair per token but the last (pending)
+        knnlm.set_storage(args.capacity or max(1, ids.numel() - 1))
+    elif layers[0][1].kind == "knn":  # size the ring to the text: a full ring maps back as is
         capacity = args.capacity or ids.numel()
         for _, layer in layers:
             layer.memory.set_storage(capacity)
@@ -168,7 +172,8 @@ def add_hf_subparsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True, help="memory directory to write")
     m.add_argument("--chunk-len", type=int, help="tokens per chunk (default: the trained one)")
     m.add_argument("--capacity", type=int, default=0,
-                   help="kNN entries per (row, head); default: all the input's tokens")
+                   help="kNN entries per (row, head), or kNN-LM pairs; default: all the "
+                        "input's tokens")
     m.add_argument("--device", default="cpu")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=cmd_memorize)

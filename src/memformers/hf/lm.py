@@ -125,6 +125,9 @@ class HFMemoryLM(nn.Module):
             check_tokenizer(path, hf, tokenizer)
         kind = "knn" if cfg.knn.layers else "infini" if cfg.infini.layers else None
         has = getattr(hf.config, "memformers", None)
+        if has and has["kind"] == "knnlm":
+            raise MemformersError(f"{path} has a kNN-LM (kind 'knnlm'), which has nothing to "
+                                  "train: fine-tune the base model, then add_memory(kind='knnlm')")
         if has and kind:
             raise MemformersError(f"{path} already has a {has['kind']} memory in layers "
                                   f"{has['layers']}; leave model.knn.layers and "
@@ -163,7 +166,8 @@ class HFMemoryLM(nn.Module):
             raise MemformersError(f"segments of {L} tokens are longer than the model's "
                                   f"{self.max_len} positions; lower data.segment_len")
         mask = begin_segment(self, tokens, new_doc, mask)
-        ctx = writing(self.hf, mask=mask) if commit and self.memory else nullcontext()
+        ctx = writing(self.hf, mask=mask, tokens=tokens) if commit and self.memory \
+            else nullcontext()
         with ctx:
             out = self.hf(input_ids=tokens, use_cache=False,
                           attention_mask=None if bool(mask.all()) else mask.long())
@@ -174,9 +178,9 @@ class HFMemoryLM(nn.Module):
 
     def describe(self) -> str:
         c, mem = self.hf.config, self.memory
-        what = (f"{mem['kind']} in layers {mem['layers']}"
-                + (f" (capacity {mem['capacity']})" if mem["kind"] == "knn" else "")
-                if mem else "none")
+        what = ("none" if not mem else f"knnlm (capacity {mem['capacity']})"
+                if mem["kind"] == "knnlm" else f"{mem['kind']} in layers {mem['layers']}"
+                + (f" (capacity {mem['capacity']})" if mem["kind"] == "knn" else ""))
         return (f"model: {type(self.hf).__name__} from {self.source}, "
                 f"{self.num_parameters() / 1e6:.2f}M parameters, {c.num_hidden_layers} layers, "
                 f"d_model {c.hidden_size}, memory: {what}")

@@ -1,7 +1,7 @@
 """Save and load a retrofitted model (its memory: ``memformers.memory.persist``).
 
 ``model.save_pretrained(dir)`` already writes the base weights, the memory
-parameters (``...memory.gate`` etc.) and the memory settings
+parameters (``...memory.gate`` etc.; a kNN-LM has none) and the memory settings
 (``config.memformers``); ``load_pretrained(dir)`` loads the base with
 ``from_pretrained``, re-applies ``add_memory`` from that config and loads the
 memory parameters. What the memory holds is saved and loaded (memory-mapped) by

@@ -35,6 +35,25 @@ forward and ``model.generate`` read the memory and never write it: the prompt
 and the generated tokens live in the KV cache (local attention), the memory
 holds what was committed before. Every token is thus written exactly once,
 after its own chunk has read the memory (a chunk never retrieves itself).
+
+kind="knnlm" (kNN-LM, Khandelwal et al. 2020, eq. 2; ``memory/knnlm.py``, docs/knnlm.md)
+changes no layer and adds no parameter: one ``HFKNNLM`` datastore, ``model.knnlm``, of
+(h_p, x_{p+1}) pairs, h_p the final norm's output, attached by two PyTorch forward hooks:
+
+    final norm (GPT-2 ``transformer.ln_f``, Llama ``model.norm``): inside ``writing(model,
+        tokens=ids)`` it keeps its output h (B, L, D) of every position (``memorize`` asks
+        for ``logits_to_keep=1``, so ``lm_head`` sees only the last one)
+    ``lm_head``: if the datastore holds a pair and lam > 0, its logits become
+        log p = log((1 - lam) softmax(logits) + lam p_kNN(h))         (B, L', V) fp32
+        with p_kNN over the top_k STORED pairs by similarity to lm_head's input h; then,
+        inside ``writing``, the chunk's pairs (h_p, x_{p+1}) are stored (FIFO, ``capacity``)
+
+Reading retrieves only what was memorised, never the current input's own positions, and
+ignores ``min_distance``: the log-probs of position t depend on h_t and the datastore
+alone, so ``generate`` with the KV cache equals full forwards step by step. A memorised
+text's last position has no next token yet: it stays pending (never retrieved) until the
+next chunk written shows it. Rows whose datastore is empty keep the model's logits; with
+lam = 0 or an empty datastore the outputs are the base model's, bit for bit.
 """
 
 from __future__ import annotations
@@ -46,18 +65,22 @@ import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from memformers.errors import MemformersError
-from memformers.memory.configs import InfiniConfig, KNNConfig
+from memformers.memory.configs import InfiniConfig, KNNConfig, KNNLMConfig
+from memformers.memory.knn_store import STORAGE_DTYPES
+from memformers.memory.knnlm import KNNLM
 
 TRANSFORMERS_RANGE = ">=5.0,<6"  # CI tests 5.0.0 and the newest (.ci/); 4.x differs inside
 # model_type -> attention layout ("gpt2": fused c_attn, no RoPE; "llama": q/k/v/o_proj + RoPE)
 SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-KINDS = {"knn": KNNConfig, "infini": InfiniConfig}
+KINDS = {"knn": KNNConfig, "infini": InfiniConfig, "knnlm": KNNLMConfig}
+KNNLM_CAPACITY = 65536  # add_memory(kind="knnlm")'s default: pairs per row
 
 
 def require_transformers():
@@ -80,6 +103,7 @@ class MemoryControl:
     write: bool = False
     mask: torch.Tensor | None = None  # (B, L) bool: tokens to write; None = all
     skip_read_from: int | None = None  # memory layers with index >= this do not read
+    tokens: torch.Tensor | None = None  # (B, L) the input ids (the kNN-LM's next tokens)
 
 
 # --------------------------------------------------------------------------- the wrappers
@@ -249,6 +273,98 @@ class LlamaMemoryAttention(MemoryAttention):
 WRAPPERS = {"gpt2": GPT2MemoryAttention, "llama": LlamaMemoryAttention}
 
 
+class HFKNNLM(KNNLM):
+    """The kNN-LM datastore of an HF causal LM; its two methods are the forward hooks on the
+    final norm and on ``lm_head`` (module docstring). Bound methods, so a deep copy of the
+    model hooks its own copy of the datastore."""
+
+    def __init__(self, cfg: KNNLMConfig, d_model: int, control: MemoryControl):
+        super().__init__(cfg, d_model)
+        self._control = control
+        self._hidden: torch.Tensor | None = None  # final norm output of a writing forward
+        # moves with model.to(...): where an empty datastore is allocated (not saved)
+        self.register_buffer("device_probe", torch.empty(0), persistent=False)
+
+    def retrievable(self) -> torch.Tensor:
+        """(rows,) bool: rows whose datastore holds a pair."""
+        return self.count > 0
+
+    def _check_rows(self, batch: int, device: torch.device) -> None:
+        """The datastore must hold ``batch`` rows on ``device``; allocated if it is empty."""
+        held = self.count.shape[0]
+        if held == batch and self.count.device == device:
+            return
+        if held and bool((self.retrievable() | self.pending).any()):
+            raise MemformersError(f"the kNN-LM datastore holds {held} batch rows on "
+                                  f"{self.count.device} but the input has {batch} on {device}; "
+                                  "match it or call memformers.hf.reset_memory(model) first")
+        self.allocate(batch, device)
+
+    def on_final_norm(self, module, args, output) -> None:
+        if self._control.write:
+            self._hidden = output[0] if isinstance(output, tuple) else output
+
+    def on_lm_head(self, module, args, logits: torch.Tensor) -> torch.Tensor | None:
+        """logits (B, L', V) of lm_head's input h (B, L', D) -> log p, or None (unchanged)."""
+        out = None
+        h = args[0]
+        if self.cfg.lam > 0 and self.count.numel() and bool(self.retrievable().any()):
+            self._check_rows(h.shape[0], h.device)
+            mixed = self.mix(logits, *self.datastore_neighbours(h))
+            out = torch.where(self.retrievable()[:, None, None], mixed, logits.float())
+        if self._control.write:
+            self._write_chunk()
+        return out
+
+    def _write_chunk(self) -> None:
+        """Store the pairs (h_p, x_{p+1}) of the chunk just run (``writing``'s tokens, mask)."""
+        ctl, h, self._hidden = self._control, self._hidden, None
+        if ctl.tokens is None:
+            raise MemformersError("writing a kNN-LM needs the input ids: "
+                                  "writing(model, tokens=input_ids)")
+        if h is None or h.shape[:2] != ctl.tokens.shape:
+            raise MemformersError(f"writing tokens of shape {tuple(ctl.tokens.shape)} do not "
+                                  f"match the forward's input "
+                                  f"{None if h is None else tuple(h.shape[:2])}")
+        B, L = ctl.tokens.shape
+        mask = torch.ones(B, L, dtype=torch.bool, device=h.device) if ctl.mask is None \
+            else ctl.mask.to(h.device, torch.bool)
+        if mask.shape != (B, L):
+            raise MemformersError(f"write mask has shape {tuple(mask.shape)}, expected {(B, L)}")
+        if not torch.equal(mask.long().cumprod(1).sum(1), mask.sum(1)):
+            raise MemformersError("the kNN-LM writes right-padded rows only (attention_mask: "
+                                  "ones, then zeros)")
+        self._check_rows(B, h.device)
+        self.write(h, ctl.tokens.to(h.device), mask)
+
+    # ----------------------------------------------------------------- saved memories
+
+    def set_storage(self, capacity: int, storage_dtype: str | None = None) -> None:
+        """An empty datastore of ``capacity`` pairs per row (and ``storage_dtype``)."""
+        if capacity <= 0:
+            raise MemformersError(f"knnlm capacity must be > 0, got {capacity}")
+        storage_dtype = storage_dtype or self.cfg.storage_dtype
+        if storage_dtype not in STORAGE_DTYPES:
+            raise MemformersError(f"knnlm storage_dtype must be one of "
+                                  f"{', '.join(STORAGE_DTYPES)}; got '{storage_dtype}'")
+        batch, device = self.count.shape[0], self.count.device
+        self.cfg = dataclasses.replace(self.cfg, capacity=capacity, storage_dtype=storage_dtype)
+        self.dtype = STORAGE_DTYPES[storage_dtype]
+        self.allocate(batch, device)
+
+    def storage_settings(self) -> dict:
+        return {"capacity": self.cfg.capacity, "storage_dtype": self.cfg.storage_dtype}
+
+    def adopt_storage_settings(self, settings: dict) -> None:
+        self.set_storage(settings["capacity"], settings["storage_dtype"])
+
+    def describe_settings(self, settings: dict) -> str:
+        return f"kNN-LM capacity {settings['capacity']} ({settings['storage_dtype']})"
+
+    def tokens_written(self) -> list[int]:
+        return self.seen.tolist()
+
+
 # --------------------------------------------------------------------------- add_memory
 
 
@@ -270,17 +386,20 @@ def _attention_slots(model: nn.Module, layout: str) -> list[tuple[nn.Module, str
     return [(b, "attn" if layout == "gpt2" else "self_attn") for b in blocks]
 
 
-def _memory_config(kind: str, layers: list[int], options: dict):
+def _check_options(kind: str, options: dict) -> None:
     if kind not in KINDS:
         raise MemformersError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-    cls = KINDS[kind]
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "layers"]
+    names = [f.name for f in dataclasses.fields(KINDS[kind]) if f.name != "layers"]
     for key in options:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise MemformersError(f"unknown {kind} memory option '{key}'{hint}")
-    cfg = cls(layers=list(layers), **options)
+
+
+def _memory_config(kind: str, layers: list[int], options: dict):
+    _check_options(kind, options)
+    cfg = KINDS[kind](layers=list(layers), **options)
     if kind == "knn" and (cfg.capacity < 0 or cfg.top_k <= 0):
         raise MemformersError(f"knn memory needs capacity >= 0 and top_k > 0; got capacity "
                               f"{cfg.capacity}, top_k {cfg.top_k}")
@@ -298,15 +417,22 @@ def add_memory(model: nn.Module, kind: str = "knn", layers: Sequence[int] | None
 
     ``memory_config`` are the fields of ``KNNConfig`` (capacity, top_k,
     gate_init, scale_init, storage_dtype, backend, ...) or ``InfiniConfig``
-    (update, gate_init, ...). ``chunk_len`` is the chunk length ``memorize``
-    uses by default (the segment length the memory was trained with). The
-    settings are stored as ``model.config.memformers``, so ``save_pretrained``
-    keeps them and ``memformers.hf.load_pretrained`` rebuilds the model.
+    (update, gate_init, ...); kind="knnlm" takes no ``layers`` and the fields of
+    ``KNNLMConfig`` (capacity (default 65536 pairs), top_k, temperature, lam,
+    similarity, storage_dtype, backend, ...; key "final_norm" only). ``chunk_len`` is
+    the chunk length ``memorize`` uses by default (the segment length the memory was
+    trained with). The settings are stored as ``model.config.memformers``, so
+    ``save_pretrained`` keeps them and ``memformers.hf.load_pretrained`` rebuilds the model.
     """
     require_transformers()
     layout = _layout(model)
     if getattr(model, "_memformers_control", None) is not None:
         raise MemformersError("this model already has memory layers")
+    if kind == "knnlm":
+        if layers is not None:
+            raise MemformersError("kind='knnlm' reads the final norm's output and changes no "
+                                  "layer: leave out layers")
+        return _add_knnlm(model, layout, chunk_len, memory_config)
     slots = _attention_slots(model, layout)
     n = len(slots)
     layers = default_layers(n) if layers is None else list(layers)
@@ -339,6 +465,44 @@ def add_memory(model: nn.Module, kind: str = "knn", layers: Sequence[int] | None
     return model
 
 
+def _final_norm_and_head(model: nn.Module, layout: str) -> tuple[nn.Module, nn.Module]:
+    try:
+        norm = model.transformer.ln_f if layout == "gpt2" else model.model.norm
+        return norm, model.lm_head
+    except AttributeError:
+        raise MemformersError(f"{type(model).__name__} is not a causal LM with the "
+                              f"{layout} layout (use AutoModelForCausalLM)") from None
+
+
+def _add_knnlm(model: nn.Module, layout: str, chunk_len: int | None, options: dict):
+    """``add_memory(kind="knnlm")``: ``model.knnlm`` and its two hooks (module docstring)."""
+    _check_options("knnlm", options)
+    options = {"capacity": KNNLM_CAPACITY, **options}
+    cfg = KNNLMConfig(**options)
+    if cfg.key != "final_norm":
+        raise MemformersError(f"knnlm key must be 'final_norm' on a Hugging Face model (the "
+                              f"lm_head's input); got {cfg.key!r}")
+    if cfg.capacity <= 0:
+        raise MemformersError(f"knnlm capacity must be > 0, got {cfg.capacity}")
+    from memformers.config import ModelConfig, RunConfig, validate
+
+    validate(RunConfig(model=ModelConfig(n_layers=1, knnlm=cfg)))  # the library's value checks
+    norm, head = _final_norm_and_head(model, layout)
+    control = MemoryControl()
+    knnlm = HFKNNLM(cfg, model.config.hidden_size, control)
+    knnlm.to(next(norm.parameters()).device)
+    knnlm.allocate(0, knnlm.device_probe.device)
+    model.knnlm = knnlm  # a submodule without parameters or buffers: no new weights
+    norm.register_forward_hook(knnlm.on_final_norm)
+    head.register_forward_hook(knnlm.on_lm_head)
+    model._memformers_control = control
+    saved = {"kind": "knnlm", **dataclasses.asdict(cfg)}
+    if chunk_len:
+        saved["chunk_len"] = int(chunk_len)
+    model.config.memformers = saved
+    return model
+
+
 # --------------------------------------------------------------------------- using the memory
 
 
@@ -351,32 +515,47 @@ def _control(model: nn.Module) -> MemoryControl:
 
 
 def memory_layers(model: nn.Module) -> list[tuple[int, MemoryAttention]]:
-    """(layer index, wrapper) of every memory layer of ``model``, in layer order."""
+    """(layer index, wrapper) of every memory layer of ``model``, in layer order (none for
+    kind="knnlm": its datastore is ``knnlm_of(model)``)."""
     _control(model)
     found = [(m.layer_idx, m) for m in model.modules() if isinstance(m, MemoryAttention)]
     return sorted(found, key=lambda t: t[0])
 
 
+def knnlm_of(model: nn.Module) -> HFKNNLM | None:
+    """The kNN-LM datastore of ``model`` (kind="knnlm"), else None."""
+    _control(model)
+    knnlm = getattr(model, "knnlm", None)
+    return knnlm if isinstance(knnlm, HFKNNLM) else None
+
+
 @contextmanager
 def writing(model: nn.Module, mask: torch.Tensor | None = None,
-            skip_read_from: int | None = None):
-    """Forwards inside this context write their tokens (``mask`` (B, L): which) to memory."""
+            skip_read_from: int | None = None, tokens: torch.Tensor | None = None):
+    """Forwards inside this context write their tokens (``mask`` (B, L): which) to memory;
+    a kNN-LM also needs the input ids, ``tokens`` (B, L) (the values x_{p+1})."""
     control = _control(model)
     saved = dataclasses.replace(control)
     control.write, control.mask, control.skip_read_from = True, mask, skip_read_from
+    control.tokens = tokens
     try:
         yield control
     finally:
         control.write, control.mask = saved.write, saved.mask
-        control.skip_read_from = saved.skip_read_from
+        control.skip_read_from, control.tokens = saved.skip_read_from, saved.tokens
+        knnlm = knnlm_of(model)
+        if knnlm is not None:
+            knnlm._hidden = None
 
 
 def reset_memory(model: nn.Module, rows: Sequence[int] | torch.Tensor | None = None) -> None:
     """Forget the memory of the given batch rows (indices or a (B,) bool mask); None = all."""
-    for _, layer in memory_layers(model):
-        held = layer.rows()
+    knnlm = knnlm_of(model)
+    states = [(knnlm.count.shape[0], knnlm)] if knnlm is not None else \
+        [(layer.rows(), layer.memory) for _, layer in memory_layers(model)]
+    for held, memory in states:
         if rows is None:
-            layer.memory.allocate(0, next(layer.memory.parameters()).device)
+            memory.allocate(0, next(chain(memory.parameters(), memory.buffers())).device)
             continue
         flags = torch.as_tensor(rows)
         if flags.dtype != torch.bool:
@@ -388,7 +567,7 @@ def reset_memory(model: nn.Module, rows: Sequence[int] | torch.Tensor | None = N
         if flags.shape != (held,):
             raise MemformersError(f"reset_memory: mask of shape {tuple(flags.shape)} for a "
                                   f"memory of {held} rows")
-        layer.memory.reset(flags)
+        memory.reset(flags)
 
 
 def max_positions(config) -> int | None:
@@ -411,8 +590,10 @@ def memorize(model: nn.Module, input_ids: torch.Tensor, *,
     training): it reads the memory of the previous chunks, then is written.
     Only the memory layers before the last one need to read (nothing written
     depends on the last layer's read), so memorising skips that read. Padding
-    (``attention_mask`` 0) is never written. Returns the tokens written per row
-    (the maximum over rows).
+    (``attention_mask`` 0) is never written. A kNN-LM stores the pairs (h_p, x_{p+1})
+    of every position; the chunk's last one waits (pending) for the next chunk's first
+    token, so pairs across chunk boundaries are stored too. Returns the tokens written
+    per row (the maximum over rows).
     """
     layers = memory_layers(model)
     ids = input_ids[None] if input_ids.dim() == 1 else input_ids
@@ -428,7 +609,7 @@ def memorize(model: nn.Module, input_ids: torch.Tensor, *,
     device = next(model.parameters()).device
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
-    last = layers[-1][0]
+    last = layers[-1][0] if layers else None  # a kNN-LM has no memory layers
     was_training = model.training
     model.eval()
     T = ids.shape[1]
@@ -437,7 +618,7 @@ def memorize(model: nn.Module, input_ids: torch.Tensor, *,
                       disable=not progress, leave=False):
             chunk = ids[:, s:s + chunk_len]
             m = mask[:, s:s + chunk_len] if mask is not None else None
-            with writing(model, mask=m, skip_read_from=last):
+            with writing(model, mask=m, skip_read_from=last, tokens=chunk):
                 model(input_ids=chunk, attention_mask=None if m is None else m.long(),
                       use_cache=False, logits_to_keep=1)
     finally:

@@ -208,14 +208,7 @@ class KNNLM(StreamState, nn.Module):
         qs = q * scale
         limit = self.seen[:, None] + torch.arange(L, device=q.device) - 1 - cfg.min_distance
         k = min(cfg.top_k, cfg.capacity + L)
-        if self.ivf is not None and self.ivf.ready:
-            s1, v1 = self._ivf_neighbours(q, qs, limit, k)
-        else:
-            C = self.keys.shape[1]
-            ring_ok = torch.arange(C, device=q.device)[None, :] < self.filled[:, None]
-            s1, i1 = masked_topk(qs, self.keys, None if cfg.similarity == "cosine" else
-                                 -self.sqnorm, ring_ok, self.pos, limit, k, cfg.search_chunk)
-            v1 = self.values.gather(1, i1.clamp(min=0).flatten(1)).view(B, L, k)
+        s1, v1 = self._ring_neighbours(q, qs, limit, k)
         ck, cv, cok, cpos = self._candidates(q, tokens, mask)
         s2, i2 = masked_topk(qs, ck, self._bias(ck), cok, cpos, limit, k, cfg.search_chunk)
         v2 = cv.gather(1, i2.clamp(min=0).flatten(1)).view(B, L, k)
@@ -224,6 +217,33 @@ class KNNLM(StreamState, nn.Module):
         if cfg.similarity == "l2":  # the constant -|q|^2 makes it the true -distance^2
             s = s - q.pow(2).sum(-1, keepdim=True)
         return s, v
+
+    @torch.no_grad()
+    def datastore_neighbours(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top_k stored pairs of each query h (B, L, D), from the ring ONLY: never the
+        query's own segment, never the pending key (its next token is unknown), and no
+        ``min_distance``: a read of a fixed datastore (Khandelwal et al. 2020, eq. 2), as
+        ``memformers.hf`` does. Same output as ``neighbours``; reads the state only."""
+        B, L, _ = h.shape
+        q = self._keys(h)
+        qs = q * (1.0 if self.cfg.similarity == "cosine" else 2.0)
+        limit = self.seen[:, None].expand(B, L)  # every stored pair (positions < seen - 1)
+        s, v = self._ring_neighbours(q, qs, limit, min(self.cfg.top_k, self.cfg.capacity))
+        if self.cfg.similarity == "l2":
+            s = s - q.pow(2).sum(-1, keepdim=True)
+        return s, v
+
+    def _ring_neighbours(self, q, qs, limit, k):
+        """The ring's top-k for queries q (B, L, D) (scaled: qs) with positions <= limit
+        (B, L): (scores (B, L, k), next tokens (B, L, k)); faiss once its index is trained."""
+        if self.ivf is not None and self.ivf.ready:
+            return self._ivf_neighbours(q, qs, limit, k)
+        B, L, _ = q.shape
+        C = self.keys.shape[1]
+        ring_ok = torch.arange(C, device=q.device)[None, :] < self.filled[:, None]
+        s, i = masked_topk(qs, self.keys, None if self.cfg.similarity == "cosine" else
+                           -self.sqnorm, ring_ok, self.pos, limit, k, self.cfg.search_chunk)
+        return s, self.values.gather(1, i.clamp(min=0).flatten(1)).view(B, L, k)
 
     def _ivf_neighbours(self, q, qs, limit, k):
         """The ring's top-k through faiss: its pairs every query may use (positions <= the

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -191,7 +192,7 @@ def load_memory(model: torch.nn.Module, path: str | Path, *, stream: int | None 
     if hasattr(model, "allocate_state"):  # MemformerLM, HFMemoryLM
         model.allocate_state(manifest["streams"])
     else:  # a Hugging Face retrofit, perhaps spread over devices: each layer on its own
-        for _, s in iter_stream_states(model):
-            s.allocate(manifest["streams"], next(s.parameters()).device)
+        for _, s in iter_stream_states(model):  # (a kNN-LM has no parameters: a buffer)
+            s.allocate(manifest["streams"], next(chain(s.parameters(), s.buffers())).device)
     load_collected_state_tensors(model, saved, adopt=True)
     return manifest
