@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -438,3 +440,58 @@ def test_auto_layers_put_the_memory_at_three_quarters_depth(n_layers, layer):
             if isinstance(b.attn.memory, KNNMemoryAttention)] == [layer]
     with pytest.raises(MemformersError, match="auto"):
         load_config(None, ["model.knn.layers=auto", "model.hf_path=some/model"])
+
+
+def test_joint_softmax_with_everything_retrieved_is_full_attention():
+    """combine="joint": one softmax over the local window and the retrieved keys, scored
+    with the farthest position bucket's bias. With every older key retrieved and segments
+    at least rel_max_distance long (so every retrieved key really is that far), walking a
+    document segment by segment equals one causal attention over the whole document."""
+    torch.manual_seed(0)
+    L = 128  # = rel_max_distance: keys beyond segment + XL cache are >= 129 tokens away
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, head_dim=16, d_ff=64, vocab_size=50,
+                      xl_cache=True, knn=KNNConfig(layers=[0], capacity=4 * L, top_k=4 * L,
+                                                   combine="joint", storage_dtype="float32"))
+    model = MemformerLM(cfg).eval()
+    with torch.no_grad():  # a bias table far from its prior, so that positions matter
+        model.rel_bias.emb.weight.normal_(0, 1)
+    tokens = torch.randint(0, 50, (1, 4 * L))
+    knn = model.blocks[0].attn.memory
+    with torch.no_grad():
+        model.allocate_state(1)
+        whole = model(tokens)  # one segment: plain causal attention, memory empty
+        model.allocate_state(1)
+        parts = []
+        for s in range(4):
+            parts.append(model(tokens[:, s * L:(s + 1) * L]))
+            # the memory holds only what has left the window (segment + XL cache)
+            assert knn.store.count.tolist() == [max(0, s) * L]
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-4)
+    # the paper's separate softmax and gate is not that (same weights)
+    gated = MemformerLM(dataclasses.replace(cfg, knn=dataclasses.replace(cfg.knn,
+                                                                         combine="gate")))
+    gated.load_state_dict(model.state_dict())
+    gated.eval().allocate_state(1)
+    with torch.no_grad():
+        other = torch.cat([gated(tokens[:, s * L:(s + 1) * L]) for s in range(4)], 1)
+    assert not torch.allclose(other[:, 2 * L:], whole[:, 2 * L:], atol=1e-2)
+
+
+def test_joint_softmax_with_a_closed_memory_bias_is_local_attention():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, head_dim=16, d_ff=64, vocab_size=50,
+                      xl_cache=True, knn=KNNConfig(layers=[0], capacity=64, top_k=8,
+                                                   combine="joint", storage_dtype="float32"))
+    joint = MemformerLM(cfg).eval()
+    plain = MemformerLM(dataclasses.replace(cfg, knn=dataclasses.replace(cfg.knn, capacity=0)))
+    plain.load_state_dict(joint.state_dict())
+    plain.eval()
+    with torch.no_grad():
+        joint.blocks[0].attn.memory.gate.fill_(-1e4)  # b_h: the memory's log-weight
+    tokens = torch.randint(0, 50, (2, 64))
+    for m in (joint, plain):
+        m.allocate_state(2)
+    with torch.no_grad():
+        for s in range(4):
+            seg = tokens[:, s * 16:(s + 1) * 16]
+            assert torch.allclose(joint(seg), plain(seg), atol=1e-6)

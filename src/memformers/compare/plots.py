@@ -189,3 +189,54 @@ def plot_gates(results: dict, path: Path) -> Path | None:
     if n_heads <= 16:
         ax.legend(fontsize=6, ncol=min(n_heads, 8))
     return _save(fig, path)
+
+
+def _trajectory(run_dir) -> list[dict]:
+    """The training lines of a run's metrics.jsonl that carry gates or a memory-off eval."""
+    import json
+
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except (OSError, TypeError):
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if "gates" in rec or "eval_memory_off" in rec:
+            out.append(rec)
+    return out
+
+
+def plot_memory_trajectories(results: dict, path: Path) -> Path | None:
+    """Per variant with a memory: the mean gate (and temperature) of each memory layer
+    against the training step, and, where the trainer evaluated with the memory off too
+    (train.eval_every), held-out loss with memory off minus on."""
+    runs = [(v["name"], _trajectory(v.get("run_dir"))) for v in results.get("variants", [])]
+    runs = [(n, t) for n, t in runs if t]
+    if not runs:
+        return None
+    fig = _figure(11, 3.6)
+    ax_g, ax_s, ax_m = fig.add_subplot(131), fig.add_subplot(132), fig.add_subplot(133)
+    for name, recs in runs:
+        for key, ax in (("gates", ax_g), ("scales", ax_s)):
+            layers = sorted({layer for r in recs for layer in r.get(key, {})})
+            for layer in layers:
+                pts = [(r["step"], np.mean(r[key][layer])) for r in recs
+                       if layer in r.get(key, {})]
+                if pts:
+                    ax.plot(*zip(*pts), label=f"{name} {layer}")
+        gain = [(r["step"], r["eval_memory_off"]["loss"] - r["eval"]["loss"]) for r in recs
+                if "eval_memory_off" in r]
+        if gain:
+            ax_m.plot(*zip(*gain), marker="o", label=name)
+    ax_g.set(xlabel="step", ylabel="mean sigmoid(gate)", title="Memory gates")
+    ax_s.set(xlabel="step", ylabel="mean temperature", title="Memory score scales")
+    ax_m.set(xlabel="step", ylabel="loss(memory off) - loss(on)", title="What memory is worth")
+    ax_m.axhline(0, color="grey", lw=0.8)
+    for ax in (ax_g, ax_s, ax_m):
+        if ax.lines:
+            ax.legend(fontsize=6)
+    return _save(fig, path)

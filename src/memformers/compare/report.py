@@ -297,7 +297,9 @@ def _gates_section(results: dict, plots: dict) -> str:
     return ("## Memory gates per head\n\nsigmoid(gate) per head: the weight of the memory "
             "read against local attention (1 = memory only).\n\n"
             + markdown_table(["variant", "layer", "heads", "mean"], rows, left=3) + "\n"
-            + (f"\n![gates]({plots['gates']})\n" if "gates" in plots else ""))
+            + (f"\n![gates]({plots['gates']})\n" if "gates" in plots else "")
+            + (f"\n![gate, temperature and memory-off trajectories]({plots['trajectories']})\n"
+               if "trajectories" in plots else ""))
 
 
 def _pkm_usage_section(results: dict) -> str:
@@ -314,6 +316,24 @@ def _pkm_usage_section(results: dict) -> str:
             "the fewest slots holding 50/90/99% of the weight (Lample et al., section 4.4).\n\n"
             + markdown_table(["variant", "layer", "slots", "used", "KL(p||uniform)", "50%",
                               "90%", "99%"], rows, left=2) + "\n")
+
+
+def _knn_retrieval_section(results: dict) -> str:
+    rows = []
+    for v in results.get("variants", []):
+        for layer, r in (_get(v, "eval", "knn_retrieval") or {}).items():
+            rows.append([v["name"], layer, " ".join(f"{p:.2f}" for p in r["precision"]),
+                         f"{np.mean(r['precision']):.3f}", f"{np.mean(r['top1']):.3f}",
+                         f"{r['chance']:.3f}"])
+    if not rows:
+        return ""
+    return ("## What the kNN memory retrieves\n\nOver the held-out evaluation: the share of "
+            "retrieved pairs whose next token is the token the query predicts, per head, "
+            "for each query's best pair (top-1), and for a pair drawn at random from the "
+            "same memory (memory/knn_usage.py). A head near the random rate retrieves nothing "
+            "that predicts the next token.\n\n"
+            + markdown_table(["variant", "layer", "precision per head", "mean", "top-1",
+                              "random pair"], rows, left=3) + "\n")
 
 
 def _passkey_section(results: dict, plots: dict) -> str:
@@ -403,7 +423,7 @@ def render_markdown(results: dict, diff: dict | None, plots: dict) -> str:
     if "loss_by_position" in plots:
         text.append(f"![loss by position]({plots['loss_by_position']})\n")
     for section in [*extra_sections(results, diff, plots), _pkm_usage_section(results),
-                    _runs_section(results)]:
+                    _knn_retrieval_section(results), _runs_section(results)]:
         if section:
             text.append(section)
     return "\n".join(text)
@@ -421,6 +441,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
                          ("memory_sweep", P.plot_memory_sweep, results),
                          ("loss_diff", P.plot_loss_difference, diff),
                          ("gates", P.plot_gates, results),
+                         ("trajectories", P.plot_memory_trajectories, results),
                          ("sorting", P.plot_sorting, results)):
         path = fn(arg, out / f"{key}.png") if arg else None
         if path is not None:

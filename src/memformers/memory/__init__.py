@@ -89,11 +89,14 @@ class UsageObserver:
         self.stats = stats
 
     def observe(self, segment) -> None:
-        B = segment.targets.shape[0]
+        if not self.stats:
+            return
+        B, L = segment.targets.shape
         new_doc = segment.new_doc if segment.new_doc is not None else \
             torch.zeros(B, dtype=torch.bool)
+        mask = segment.mask if segment.mask is not None else torch.ones(B, L, dtype=torch.bool)
         for s in self.stats:
-            s.observe(segment.targets, segment.mask, new_doc)
+            s.observe(segment.targets, mask, new_doc)
 
 
 def _retrieval_stats(model: nn.Module):
@@ -122,6 +125,21 @@ def track_usage(model: nn.Module):
     finally:
         for s in stats:
             s.enabled = False
+
+
+@contextmanager
+def memory_off(model: nn.Module):
+    """Inside the block every attention memory of ``model`` is skipped (no read, no write):
+    the same weights with local attention only (the kNN layer keeps its normalised q/k)."""
+    mods = [m for m in model.modules() if isinstance(m, AttentionMemory)]
+    saved = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, e in zip(mods, saved):
+            m.enabled = e
 
 
 def usage_report(model: nn.Module, world_size: int = 1) -> dict:
@@ -155,5 +173,5 @@ def build_ffn(model_cfg, layer: int, shared_modules: dict) -> nn.Module:
 
 
 __all__ = ["AttentionMemory", "StreamState", "attention_memory_class", "build_attention_memory",
-           "build_ffn", "configured_mechanisms", "memory_config", "register_attention_memory",
-           "resolve_for_device", "track_usage", "usage_report"]
+           "build_ffn", "configured_mechanisms", "memory_config", "memory_off",
+           "register_attention_memory", "resolve_for_device", "track_usage", "usage_report"]

@@ -32,6 +32,9 @@ class AttentionMemory(StreamState, nn.Module):
     # "aux_losses", a list to append auxiliary losses to (None when the caller wants none)
     # (continuous.py takes both); the others read only q, k, v and the local output.
     extra_inputs: tuple[str, ...] = ()
+    # False: the layer skips the memory (no read, no write) and keeps its local attention,
+    # with the same weights: memory off vs on for one model (``memformers.memory.memory_off``)
+    enabled = True
 
     def transform_qk(
         self, q: torch.Tensor, k: torch.Tensor
@@ -55,4 +58,8 @@ class AttentionMemory(StreamState, nn.Module):
 
     def gate_values(self) -> torch.Tensor | None:
         """Per-head weight of the memory path in [0, 1], for reports (or None)."""
+        return None
+
+    def scale_values(self) -> torch.Tensor | None:
+        """Per-head learned temperature of the memory's scores, for reports (or None)."""
         return None

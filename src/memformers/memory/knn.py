@@ -141,7 +141,12 @@ class KNNMemoryAttention(AttentionMemory):
                  "weight_decay": 0.0, "name": "knn_gate"}]
 
     def gate_values(self) -> torch.Tensor:
+        """sigmoid(b_h): the gate ("gate"); for "joint", where b_h is the memory's
+        log-weight in the softmax, a monotone view of it (0.5 = b_h 0)."""
         return torch.sigmoid(self.gate.detach())
+
+    def scale_values(self) -> torch.Tensor:
+        return self.log_scale.detach().exp()
 
     # ----------------------------------------------------------------- stream state
 

@@ -251,11 +251,12 @@ class KNNLM(StreamState, nn.Module):
         B, L, _ = q.shape
         C = self.cfg.capacity
         sims, vals = [], []
+        found = self.ivf.search_streams(
+            [(b, q[b].cpu().numpy(), max(0, int(self.count[b]) - C)) for b in range(B)], k)
         for b in range(B):
             lim0 = int(limit[b].min())
             n = int(self.count[b])
-            s, ids = self.ivf.search(b, q[b].cpu().numpy(), k, max(0, n - C))
-            s, ids = torch.from_numpy(s).to(q.device), torch.from_numpy(ids).to(q.device)
+            s, ids = (torch.from_numpy(x).to(q.device) for x in found[b])
             if not self.ivf.cosine:  # the exact path's scale: 2qk - |k|^2 = -dist^2 + |q|^2
                 s = s + q[b].pow(2).sum(-1, keepdim=True)
             if n - 1 > lim0:  # pairs too recent for some queries (min_distance): exact

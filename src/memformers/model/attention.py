@@ -120,7 +120,7 @@ class Attention(nn.Module):
                             self.dropout if self.training else 0.0)  # (B, H, L, d)
 
         out = local
-        if self.memory is not None:
+        if self.memory is not None and self.memory.enabled:
             extras = {  # computed only for a memory that asks (AttentionMemory.extra_inputs)
                 "x": lambda: x,
                 "aux_losses": lambda: aux_losses,

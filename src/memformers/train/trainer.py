@@ -30,7 +30,7 @@ from memformers.config import RunConfig, to_dict
 from memformers.data.corpus import open_corpus_manifest
 from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
 from memformers.errors import MemformersError
-from memformers.memory import configured_mechanisms, resolve_for_device
+from memformers.memory import configured_mechanisms, memory_off, resolve_for_device
 from memformers.memory.base import AttentionMemory
 from memformers.memory.state import (
     collect_state_tensors,
@@ -71,12 +71,13 @@ def autocast_for(device: torch.device, precision: str):
     return nullcontext()
 
 
-def gate_report(model: torch.nn.Module) -> dict[str, list[float]]:
-    """Per-head memory gates of every gated memory layer: {"blocks.4": [..H..]}."""
+def gate_report(model: torch.nn.Module, values: str = "gate_values") -> dict[str, list[float]]:
+    """Per-head memory gates of every gated memory layer: {"blocks.4": [..H..]}
+    (``values="scale_values"``: their learned temperatures)."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, AttentionMemory):
-            g = m.gate_values()
+            g = getattr(m, values)()
             if g is not None:  # FSDP2 shards gates: gathered (every rank calls this)
                 out[name.replace(".attn.memory", "")] = [
                     round(float(x), 4) for x in distributed.full_tensor(g)]
@@ -358,9 +359,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    gates = gate_report(self.model)
-                    if gates:
-                        last["gates"] = gates
+                    for key, values in (("gates", "gate_values"), ("scales", "scale_values")):
+                        if report := gate_report(self.model, values):
+                            last[key] = report
                     if main:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(last) + "\n")
@@ -368,11 +369,17 @@ class Trainer:
                         for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
                             tb.add_scalar(f"train/{k}", last[k], self.step)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    ev = self.evaluate()
+                    record = {"step": self.step, "eval": self.evaluate()}
+                    if any(isinstance(m, AttentionMemory) for m in self.model.modules()):
+                        with memory_off(self.model):  # what the memory is worth right now
+                            record["eval_memory_off"] = self.evaluate()
                     if main:
                         with open(metrics_path, "a") as f:
-                            f.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
-                        tqdm.write(f"step {self.step}: " + self.task.format_result(ev))
+                            f.write(json.dumps(record) + "\n")
+                        tqdm.write(f"step {self.step}: " + self.task.format_result(record["eval"]))
+                        if "eval_memory_off" in record:
+                            tqdm.write("  memory off: " + self.task.format_result(
+                                record["eval_memory_off"]).splitlines()[0])
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.checkpoint()
                 stop = self.dist.any(self._stop)
