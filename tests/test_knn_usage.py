@@ -53,3 +53,15 @@ def test_evaluation_collects_one_query_per_scored_position_with_a_memory():
     r = usage_report(model)["knn_retrieval"]["blocks.1"]
     assert r["queries"] == 2 * 2 * 8  # segments 2 and 3 of both streams read a memory
     assert all(0 <= p <= 1 for p in r["precision"]) and 0 < r["chance"] <= 1
+
+
+def test_a_memory_of_next_tokens_is_scored_directly():
+    s = KNNRetrievalStats(n_heads=1)  # the kNN-LM's statistics
+    s.enabled = True
+    s.observe(torch.tensor([[1, 2, 3, 3]]), torch.ones(1, 4, dtype=torch.bool),
+              torch.tensor([True]))
+    s.record_next_tokens(torch.tensor([[[[3, 1], [2, -1]]]]), 64)
+    s.observe(torch.tensor([[3, 1]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([False]))
+    r = s.report()
+    assert r["precision"] == [1 / 3] and r["top1"] == [0.5]
+    assert abs(r["chance"] - (2 / 4 + 1 / 4) / 2) < 1e-12

@@ -104,7 +104,7 @@ def _retrieval_stats(model: nn.Module):
 
     for name, m in model.named_modules():
         if isinstance(getattr(m, "retrieval", None), KNNRetrievalStats):
-            yield name.replace(".attn.memory", ""), m.retrieval
+            yield name.replace(".attn.memory", "") or "knnlm", m.retrieval
 
 
 @contextmanager

@@ -44,12 +44,18 @@ class KNNRetrievalStats:
         self.chance = torch.zeros(1, dtype=torch.float64)  # sum over queries of the chance
         self.chance_n = torch.zeros(1, dtype=torch.float64)
         self.history: list[list[int]] = []  # per stream: targets of its document so far
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self.pending: list[tuple] = []  # what the forwards retrieved since the last observe
 
     def record(self, slots: torch.Tensor, count: torch.Tensor, capacity: int) -> None:
         """slots (B, H, L, k) retrieved (-1 = none), count (B,) pairs written before."""
         if self.enabled:
-            self.pending.append((slots.detach().cpu(), count.detach().cpu(), capacity))
+            self.pending.append(("slots", slots.detach().cpu(), count.detach().cpu(), capacity))
+
+    def record_next_tokens(self, tokens: torch.Tensor, capacity: int) -> None:
+        """For a memory that stores next tokens itself (the kNN-LM): the retrieved pairs'
+        next tokens (B, H, L, k), -1 = none."""
+        if self.enabled:
+            self.pending.append(("tokens", tokens.detach().cpu(), None, capacity))
 
     @torch.no_grad()
     def observe(self, targets: torch.Tensor, mask: torch.Tensor, new_doc: torch.Tensor) -> None:
@@ -61,34 +67,36 @@ class KNNRetrievalStats:
             self.history.append([])
         for b in new_doc.nonzero().flatten().tolist():
             self.history[b] = []
-        for slots, count, C in self.pending:
-            self._score(slots, count, C, targets)
+        for kind, got, count, C in self.pending:
+            for b in range(B):
+                hist = torch.tensor(self.history[b], dtype=torch.long)
+                if kind == "slots":
+                    c = int(count[b])
+                    w = c - 1 - torch.remainder(c - 1 - got[b].clamp(min=0), C)  # pair numbers
+                    nxt = hist[w.clamp(min=0, max=max(c - 1, 0))] if c else w
+                    found = got[b] >= 0
+                else:
+                    c, nxt, found = len(hist), got[b], got[b] >= 0
+                if c:
+                    self._score(nxt, found, targets[b], hist[max(0, c - C):c])
         self.pending = []
         for b in range(B):  # the written pairs' next tokens, in write order
             self.history[b].extend(targets[b][mask[b]].tolist())
 
-    def _score(self, slots, count, C, targets) -> None:
-        B, H, L, k = slots.shape
-        for b in range(B):
-            c = int(count[b])
-            want = targets[b]  # (L,)
-            ok = want != -100
-            if c == 0 or not bool(ok.any()):
-                continue
-            hist = torch.tensor(self.history[b][:c], dtype=torch.long)
-            s = slots[b]  # (H, L, k)
-            found = (s >= 0) & ok[None, :, None]
-            w = c - 1 - torch.remainder(c - 1 - s.clamp(min=0), C)  # (H, L, k) pair numbers
-            nxt = hist[w.clamp(min=0, max=c - 1)]
-            hit = (nxt == want[None, :, None]) & found
-            self.hits += hit.sum((1, 2)).double()
-            self.pairs += found.sum((1, 2)).double()
-            self.top1 += hit[:, :, 0].sum(1).double()
-            self.queries += found[:, :, 0].sum(1).double()
-            stored = hist[max(0, c - C):]  # what the memory holds
-            freq = torch.bincount(stored, minlength=int(want.max()) + 1).double()
-            self.chance += (freq[want[ok].clamp(min=0)] / len(stored)).sum()
-            self.chance_n += float(ok.sum())
+    def _score(self, nxt, found, want, stored) -> None:
+        """nxt, found (H, L, k): retrieved next tokens; want (L,); stored: the memory's."""
+        ok = want != -100
+        if not bool(ok.any()) or not len(stored):
+            return
+        found = found & ok[None, :, None]
+        hit = (nxt == want[None, :, None]) & found
+        self.hits += hit.sum((1, 2)).double()
+        self.pairs += found.sum((1, 2)).double()
+        self.top1 += hit[:, :, 0].sum(1).double()
+        self.queries += found[:, :, 0].sum(1).double()
+        freq = torch.bincount(stored, minlength=int(want.max()) + 1).double()
+        self.chance += (freq[want[ok].clamp(min=0)] / len(stored)).sum()
+        self.chance_n += float(ok.sum())
 
     def report(self, world_size: int = 1) -> dict | None:
         """{"precision": [H], "top1": [H], "chance": float, "queries": int} or None."""

@@ -38,6 +38,7 @@ from memformers.errors import MemformersError
 from memformers.memory.configs import KNNLMConfig
 from memformers.memory.ivf import IVFIndex
 from memformers.memory.knn_store import STORAGE_DTYPES
+from memformers.memory.knn_usage import KNNRetrievalStats
 from memformers.memory.state import StreamState, remember, replaying
 
 
@@ -91,6 +92,7 @@ class KNNLM(StreamState, nn.Module):
         self.cfg, self.d_model = cfg, d_model
         self.dtype = STORAGE_DTYPES[cfg.storage_dtype]
         self.ivf: IVFIndex | None = None
+        self.retrieval = KNNRetrievalStats(n_heads=1)  # evaluation statistics (track_usage)
         self.allocate(0, "cpu")
 
     # ----------------------------------------------------------------- stream state
@@ -331,7 +333,11 @@ class KNNLM(StreamState, nn.Module):
         # what its first run retrieved and writes nothing (memory/state.py).
         out = logits
         if self.cfg.lam > 0:
-            out = self.mix(logits, *remember(self, lambda: self.neighbours(h, tokens, mask)))
+            sim, values = remember(self, lambda: self.neighbours(h, tokens, mask))
+            if self.retrieval.enabled and not replaying():
+                self.retrieval.record_next_tokens(
+                    values.masked_fill(torch.isinf(sim), -1)[:, None], self.cfg.capacity)
+            out = self.mix(logits, sim, values)
         if commit and not replaying():
             self.write(h, tokens, mask)
         return out
