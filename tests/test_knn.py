@@ -442,7 +442,8 @@ def test_auto_layers_put_the_memory_at_three_quarters_depth(n_layers, layer):
         load_config(None, ["model.knn.layers=auto", "model.hf_path=some/model"])
 
 
-def test_joint_softmax_with_everything_retrieved_is_full_attention():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_joint_softmax_with_everything_retrieved_is_full_attention(normalize):
     """combine="joint": one softmax over the local window and the retrieved keys, scored
     with the farthest position bucket's bias. With every older key retrieved and segments
     at least rel_max_distance long (so every retrieved key really is that far), walking a
@@ -451,7 +452,8 @@ def test_joint_softmax_with_everything_retrieved_is_full_attention():
     L = 128  # = rel_max_distance: keys beyond segment + XL cache are >= 129 tokens away
     cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, head_dim=16, d_ff=64, vocab_size=50,
                       xl_cache=True, knn=KNNConfig(layers=[0], capacity=4 * L, top_k=4 * L,
-                                                   combine="joint", storage_dtype="float32"))
+                                                   combine="joint", storage_dtype="float32",
+                                                   normalize=normalize))
     model = MemformerLM(cfg).eval()
     with torch.no_grad():  # a bias table far from its prior, so that positions matter
         model.rel_bias.emb.weight.normal_(0, 1)
@@ -495,3 +497,29 @@ def test_joint_softmax_with_a_closed_memory_bias_is_local_attention():
         for s in range(4):
             seg = tokens[:, s * 16:(s + 1) * 16]
             assert torch.allclose(joint(seg), plain(seg), atol=1e-6)
+
+
+def test_normalize_per_layer_and_plain_scaling():
+    """normalize = [layers]: those kNN layers L2-normalise q/k (with a temperature), the
+    others keep plain q.k / sqrt(d); a memory-free plain kNN layer is ordinary attention."""
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, d_ff=64, vocab_size=50,
+                      knn=KNNConfig(layers=[0, 1], capacity=0, normalize=[0]))
+    torch.manual_seed(0)
+    model = MemformerLM(cfg).eval()
+    m0, m1 = model.blocks[0].attn.memory, model.blocks[1].attn.memory
+    assert m0.cfg.normalize is True and m1.cfg.normalize is False
+    assert hasattr(m0, "log_scale") and not hasattr(m1, "log_scale")
+    plain = MemformerLM(dataclasses.replace(cfg, knn=KNNConfig(layers=[0], capacity=0))).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith("blocks.1.attn.memory")})
+    tokens = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), plain(tokens), atol=1e-5)
+
+
+def test_normalize_must_name_knn_layers():
+    from memformers.config import RunConfig, validate
+    from memformers.errors import MemformersError
+
+    with pytest.raises(MemformersError, match="model.knn.normalize lists layers"):
+        validate(RunConfig(model=ModelConfig(knn=KNNConfig(layers=[2], normalize=[1]))))

@@ -8,19 +8,25 @@ from memformers.model import MemformerLM
 from memformers.runner import Segment
 
 
-def test_precision_top1_and_chance_on_a_constructed_case():
+def observe(s, tokens, targets, new_doc):
+    t = torch.tensor([tokens])
+    s.observe(t, torch.tensor([targets]), torch.ones_like(t, dtype=torch.bool),
+              torch.tensor([new_doc]))
+
+
+def test_precision_top1_copy_and_chance_on_a_constructed_case():
     s = KNNRetrievalStats(n_heads=2)
     s.enabled = True
-    one = torch.ones(1, 6, dtype=torch.bool)
-    s.observe(torch.tensor([[1, 2, 3, 1, 2, 3]]), one, torch.tensor([True]))
-    # capacity 4, 6 pairs written: slot w % 4 holds pair w for w = 2..5, i.e.
-    # slot 0: pair 4 (next 2), 1: pair 5 (3), 2: pair 2 (3), 3: pair 3 (1)
-    slots = torch.tensor([[[[2, 1], [3, -1]],      # head 0: 3 pairs, all hits
-                           [[0, 3], [-1, -1]]]])   # head 1: 2 pairs, no hit
+    observe(s, [0, 1, 2, 3, 1, 2], [1, 2, 3, 1, 2, 3], True)
+    # capacity 4, 6 pairs written: slot w % 4 holds pair w for w = 2..5, i.e. (own token,
+    # next token) slot 0: pair 4 (1, 2), 1: pair 5 (2, 3), 2: pair 2 (2, 3), 3: pair 3 (3, 1)
+    slots = torch.tensor([[[[2, 1], [3, -1]],      # head 0: 3 pairs, all hits, no copy
+                           [[0, 3], [-1, -1]]]])   # head 1: 2 pairs, no hit, one copy
     s.record(slots, torch.tensor([6]), 4)
-    s.observe(torch.tensor([[3, 1]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([False]))
+    observe(s, [3, 3], [3, 1], False)
     r = s.report()
     assert r["precision"] == [1.0, 0.0] and r["top1"] == [1.0, 0.0]
+    assert r["copy"] == [0.0, 0.5]
     # the memory holds next tokens [3, 1, 2, 3]: a random pair predicts 3 with 2/4, 1 with 1/4
     assert abs(r["chance"] - (0.5 + 0.25) / 2) < 1e-12 and r["queries"] == 2
 
@@ -28,10 +34,10 @@ def test_precision_top1_and_chance_on_a_constructed_case():
 def test_a_new_document_restarts_the_history():
     s = KNNRetrievalStats(n_heads=1)
     s.enabled = True
-    s.observe(torch.tensor([[5, 5, 5]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([True]))
-    s.observe(torch.tensor([[7, 8]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([True]))
+    observe(s, [5, 5, 5], [5, 5, 5], True)
+    observe(s, [6, 7], [7, 8], True)
     s.record(torch.tensor([[[[0], [1]]]]), torch.tensor([2]), 8)  # pairs 0, 1: next 7, 8
-    s.observe(torch.tensor([[8, 8]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([False]))
+    observe(s, [8, 8], [8, 8], False)
     assert s.report()["precision"] == [0.5]
 
 
@@ -58,10 +64,9 @@ def test_evaluation_collects_one_query_per_scored_position_with_a_memory():
 def test_a_memory_of_next_tokens_is_scored_directly():
     s = KNNRetrievalStats(n_heads=1)  # the kNN-LM's statistics
     s.enabled = True
-    s.observe(torch.tensor([[1, 2, 3, 3]]), torch.ones(1, 4, dtype=torch.bool),
-              torch.tensor([True]))
+    observe(s, [0, 1, 2, 3], [1, 2, 3, 3], True)
     s.record_next_tokens(torch.tensor([[[[3, 1], [2, -1]]]]), 64)
-    s.observe(torch.tensor([[3, 1]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([False]))
+    observe(s, [3, 3], [3, 1], False)
     r = s.report()
-    assert r["precision"] == [1 / 3] and r["top1"] == [0.5]
+    assert r["precision"] == [1 / 3] and r["top1"] == [0.5] and "copy" not in r
     assert abs(r["chance"] - (2 / 4 + 1 / 4) / 2) < 1e-12

@@ -59,7 +59,7 @@ def load_trained_model(run_dir: str | Path, overrides: list[str] = (), device: s
     named like ``demo-base`` (their record's config; its corpus for the tokenizer)."""
     from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
     from memformers.model import build_model
-    from memformers.pretrained import shipped_config, shipped_weights
+    from memformers.pretrained import shipped_config, shipped_weights, untrained_tensors
     from memformers.train.checkpoint import latest_checkpoint, load_model_weights
     from memformers.train.trainer import resolve_device
 
@@ -71,7 +71,14 @@ def load_trained_model(run_dir: str | Path, overrides: list[str] = (), device: s
         # the shipped models are byte-level: without their corpus, the byte tokenizer
         tokenizer = load_tokenizer(corpus) if need_corpus or corpus.is_dir() else ByteTokenizer()
         model = build_model(cfg.model, tokenizer).to(resolve_device(device))
-        load_model_weights(model, weights)
+        # the record's "untrained" tensors (e.g. a never-used gate) and tensors of layers the
+        # --set items add take the config's init (e.g. model.knn.gate_init), as init_from does
+        missing = load_model_weights(model, weights, strict=False,
+                                     skip=untrained_tensors(str(run_dir)))
+        new = sorted(set(missing) - untrained_tensors(str(run_dir)))
+        if new:
+            print(f"{run_dir}: parameters at their init (not in the shipped weights): "
+                  f"{', '.join(new)}", file=sys.stderr)
         return cfg, model.eval(), tokenizer
     cfg = _load_run_config(run_dir, list(overrides))
     tokenizer = load_tokenizer(Path(cfg.data.corpus))

@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import re
+import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -162,6 +163,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise MemformersError(f"config key '{key}' must be a string, got {value!r}")
         return value
+    if origin in (typing.Union, types.UnionType):  # e.g. bool | list[int]: the first that fits
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except MemformersError:
+                pass
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(tp))
+        raise MemformersError(f"config key '{key}' must be {names}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise MemformersError(f"config key '{key}' must be a list, got {value!r}")
@@ -380,6 +389,9 @@ def validate(cfg: RunConfig) -> None:
     _check(k.top_k > 0, "model.knn.top_k must be positive")
     _choice(k.backend, ("auto", "exact", "ivf", "block", "faiss"), "model.knn.backend")
     _choice(k.combine, ("gate", "joint"), "model.knn.combine")
+    _check(isinstance(k.normalize, bool) or set(k.normalize) <= set(k.layers),
+           f"model.knn.normalize lists layers {k.normalize} that are not kNN layers "
+           f"(model.knn.layers {k.layers})")
     _check(0 < k.ivf_nprobe <= k.ivf_nlist <= k.ivf_train,
            "model.knn: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
     _check(k.block_size > 0 and k.block_probe > 0 and k.block_group > 0,

@@ -322,18 +322,21 @@ def _knn_retrieval_section(results: dict) -> str:
     rows = []
     for v in results.get("variants", []):
         for layer, r in (_get(v, "eval", "knn_retrieval") or {}).items():
+            copy = r.get("copy")
             rows.append([v["name"], layer, " ".join(f"{p:.2f}" for p in r["precision"]),
                          f"{np.mean(r['precision']):.3f}", f"{np.mean(r['top1']):.3f}",
-                         f"{r['chance']:.3f}"])
+                         f"{r['chance']:.3f}",
+                         " ".join(f"{p:.2f}" for p in copy) if copy else "-"])
     if not rows:
         return ""
     return ("## What the kNN memory retrieves\n\nOver the held-out evaluation: the share of "
             "retrieved pairs whose next token is the token the query predicts, per head, "
             "for each query's best pair (top-1), and for a pair drawn at random from the "
-            "same memory (memory/knn_usage.py). A head near the random rate retrieves nothing "
-            "that predicts the next token.\n\n"
+            "same memory; and the share whose own token is the next one, which an attention "
+            "memory can copy (memory/knn_usage.py). A head near the random rate retrieves "
+            "nothing that predicts the next token.\n\n"
             + markdown_table(["variant", "layer", "precision per head", "mean", "top-1",
-                              "random pair"], rows, left=3) + "\n")
+                              "random pair", "copy per head"], rows, left=3) + "\n")
 
 
 def _passkey_section(results: dict, plots: dict) -> str:

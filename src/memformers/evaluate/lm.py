@@ -148,9 +148,13 @@ def format_eval(result: dict) -> str:
                      f"bpb {r['bpb']:.4f}  ({r['tokens']:,})")
     for name, r in result.get("knn_retrieval", {}).items():
         heads = " ".join(f"{p:.2f}" for p in r["precision"])
-        lines.append(f"  kNN {name}: retrieved pairs whose next token is the target, per "
+        lines.append(f"  retrieval {name}: next token of a retrieved pair = the target, per "
                      f"head: {heads} (top-1 {sum(r['top1']) / len(r['top1']):.2f}, "
                      f"random pair {r['chance']:.2f})")
+        if "copy" in r:
+            lines.append(f"  retrieval {name}: own token of a retrieved pair = the target "
+                         f"(what attention can copy): "
+                         + " ".join(f"{p:.2f}" for p in r["copy"]))
     for name, u in result.get("pkm_usage", {}).items():
         lines.append(f"  product keys {name}: {u['used']:.1%} of {u['slots']:,} slots used, "
                      f"KL from uniform {u['kl_uniform']:.3f}, 50/90/99% of the weight in "

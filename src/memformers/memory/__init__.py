@@ -61,8 +61,9 @@ def build_attention_memory(model_cfg, layer: int) -> AttentionMemory | None:
     for name, path in ATTENTION_MEMORIES.items():
         sub = memory_config(model_cfg, name)
         if sub is not None and layer in sub.layers:
-            return _load(path)(sub, n_heads=model_cfg.n_heads, head_dim=model_cfg.head_dim,
-                               d_model=model_cfg.d_model)
+            cls = _load(path)
+            return cls(cls.layer_config(sub, layer), n_heads=model_cfg.n_heads,
+                       head_dim=model_cfg.head_dim, d_model=model_cfg.d_model)
     return None
 
 
@@ -96,7 +97,7 @@ class UsageObserver:
             torch.zeros(B, dtype=torch.bool)
         mask = segment.mask if segment.mask is not None else torch.ones(B, L, dtype=torch.bool)
         for s in self.stats:
-            s.observe(segment.targets, mask, new_doc)
+            s.observe(segment.tokens, segment.targets, mask, new_doc)
 
 
 def _retrieval_stats(model: nn.Module):

@@ -36,6 +36,12 @@ class AttentionMemory(StreamState, nn.Module):
     # with the same weights: memory off vs on for one model (``memformers.memory.memory_off``)
     enabled = True
 
+    @staticmethod
+    def layer_config(cfg, layer: int):
+        """The mechanism's config for one of its layers (settings given per layer are
+        resolved here; the default: the same config everywhere)."""
+        return cfg
+
     def transform_qk(
         self, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float | None]:

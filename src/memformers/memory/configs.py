@@ -27,6 +27,10 @@ class KNNConfig:
     # softmax over the local window and the top-k, which hold only keys older than the
     # window, scored with the farthest position bias plus b_h; docs/knn.md)
     combine: str = "gate"
+    # L2-normalise q and k with a learned per-head temperature (the paper) in the kNN
+    # layers: true (all), false (none: the layer keeps its own 1/sqrt(d) scaling, e.g. a
+    # pretrained layer that was trained without normalisation), or a list of layers
+    normalize: bool | list[int] = True
     gate_init: float = 0.0  # b_h init; sigmoid(0) = 0.5 as the paper; < 0 starts mostly local
     gate_lr: float = 1e-2  # gates and temperatures: own parameter group, no weight decay
     scale_init: float = 8.0  # learned per-head temperature for normalised q.k

@@ -5,6 +5,8 @@ pairs of earlier segments and lets every query attend to its top-k nearest
 stored keys as well as to the local (XL) context:
 
     q = s_h * q / |q|,  k = k / |k|          L2-normalised, learned scale s_h > 0
+                                             (``normalize = false``: q / sqrt(d), k as
+                                             they are, the layer's own scaling)
     V_c = softmax(q K_local^T) V_local        local attention (SDPA, scale 1)
     (K_m, V_m_) = top-k of q . k_mem          retrieved, stop-gradient
     V_m = softmax(q K_m^T) V_m_               separate softmax over the k scores
@@ -55,17 +57,29 @@ class KNNMemoryAttention(AttentionMemory):
             raise MemformersError(f"model.knn.scale_init must be positive, got {cfg.scale_init}")
         self.cfg = cfg
         self.n_heads, self.head_dim = n_heads, head_dim
-        self.log_scale = nn.Parameter(torch.full((n_heads,), math.log(cfg.scale_init)))
+        if cfg.normalize:
+            self.log_scale = nn.Parameter(torch.full((n_heads,), math.log(cfg.scale_init)))
         self.gate = nn.Parameter(torch.full((n_heads,), float(cfg.gate_init)))  # b_h
         self.store = KNNStore(cfg, n_heads, head_dim)  # plain attribute: not in state_dict
         self.retrieval = KNNRetrievalStats(n_heads)  # evaluation statistics (track_usage)
         if cfg.combine == "joint":  # instance attribute: the inputs depend on the mode
             self.extra_inputs = ("local_lse", "far_bias", "leaving")
 
+    @staticmethod
+    def layer_config(cfg: KNNConfig, layer: int) -> KNNConfig:
+        """``normalize`` given as a list of layers -> true or false for this layer."""
+        if isinstance(cfg.normalize, bool):
+            return cfg
+        return dataclasses.replace(cfg, normalize=layer in cfg.normalize)
+
     # ----------------------------------------------------------------- attention
 
     def transform_qk(self, q, k):
-        """L2-normalise q, k per head; q times the learned temperature; SDPA scale 1."""
+        """L2-normalise q, k per head; q times the learned temperature; SDPA scale 1.
+        Without ``normalize``: q / sqrt(d), so that every score (local and memory) is the
+        layer's own q.k / sqrt(d)."""
+        if not self.cfg.normalize:
+            return q * q.shape[-1] ** -0.5, k, 1.0
         scale = self.log_scale.exp().to(q.dtype)[None, :, None, None]  # (1, H, 1, 1)
         q = nn.functional.normalize(q, dim=-1) * scale
         k = nn.functional.normalize(k, dim=-1)
@@ -137,7 +151,8 @@ class KNNMemoryAttention(AttentionMemory):
     def param_groups(self, train_cfg) -> list[dict]:
         """Gates and temperatures: scalars per head, their own higher lr, no decay
         (a gate under the global lr barely moves; see docs/infini.md)."""
-        return [{"params": [self.gate, self.log_scale], "lr": self.cfg.gate_lr,
+        scalars = [self.gate, self.log_scale] if self.cfg.normalize else [self.gate]
+        return [{"params": scalars, "lr": self.cfg.gate_lr,
                  "weight_decay": 0.0, "name": "knn_gate"}]
 
     def gate_values(self) -> torch.Tensor:
@@ -145,8 +160,8 @@ class KNNMemoryAttention(AttentionMemory):
         log-weight in the softmax, a monotone view of it (0.5 = b_h 0)."""
         return torch.sigmoid(self.gate.detach())
 
-    def scale_values(self) -> torch.Tensor:
-        return self.log_scale.detach().exp()
+    def scale_values(self) -> torch.Tensor | None:
+        return self.log_scale.detach().exp() if self.cfg.normalize else None
 
     # ----------------------------------------------------------------- stream state
 

@@ -6,6 +6,12 @@ token t has to predict:
 
     precision_h = #{(t, w) in top-k_h(t) : x_{w+1} = x_{t+1}} / #{(t, w) retrieved}
     top1_h      = the same over each query's best-scoring pair only
+    copy_h      = #{(t, w) in top-k_h(t) : x_w = x_{t+1}} / #{(t, w) retrieved}
+
+``copy`` is what an attention memory can use directly: the value stored at w is computed
+from token x_w, so a head that retrieves a w whose own token is the next one can copy it
+(an induction head does this within its window). For the kNN-LM, whose pairs store
+x_{w+1} itself, ``precision`` is the measure.
     chance      = mean_t #{w in memory : x_{w+1} = x_{t+1}} / #{w in memory}
 
 ``chance`` is what a pair drawn at random from the same memory scores; a head whose
@@ -21,7 +27,7 @@ each stream's targets since its reset to look ``x_{w+1}`` up.
 
 The memory records what it retrieved (``KNNRetrievalStats.record``, only while enabled
 by ``memformers.memory.track_usage``); the evaluation loop then hands each segment
-to ``observe`` (its targets, mask and new-document flags).
+to ``observe`` (its tokens, targets, mask and new-document flags).
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ class KNNRetrievalStats:
         H = self.n_heads
         self.hits = torch.zeros(H, dtype=torch.float64)  # retrieved pairs that predict
         self.top1 = torch.zeros(H, dtype=torch.float64)
+        self.copies = torch.zeros(H, dtype=torch.float64)  # retrieved x_w = the target
         self.pairs = torch.zeros(H, dtype=torch.float64)  # retrieved pairs
         self.queries = torch.zeros(H, dtype=torch.float64)  # queries with a top-1
         self.chance = torch.zeros(1, dtype=torch.float64)  # sum over queries of the chance
         self.chance_n = torch.zeros(1, dtype=torch.float64)
         self.history: list[list[int]] = []  # per stream: targets of its document so far
+        self.inputs: list[list[int]] = []  # per stream: its document's tokens so far
         self.pending: list[tuple] = []  # what the forwards retrieved since the last observe
 
     def record(self, slots: torch.Tensor, count: torch.Tensor, capacity: int) -> None:
@@ -58,38 +66,44 @@ class KNNRetrievalStats:
             self.pending.append(("tokens", tokens.detach().cpu(), None, capacity))
 
     @torch.no_grad()
-    def observe(self, targets: torch.Tensor, mask: torch.Tensor, new_doc: torch.Tensor) -> None:
-        """After the forward of a segment: targets (B, L) (-100 = none), mask (B, L) real
-        tokens, new_doc (B,) the streams that started a document with this segment."""
-        targets, mask, new_doc = targets.cpu(), mask.cpu(), new_doc.cpu()
+    def observe(self, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                new_doc: torch.Tensor) -> None:
+        """After the forward of a segment: tokens, targets (B, L) (-100 = none), mask (B, L)
+        real tokens, new_doc (B,) the streams that started a document with this segment."""
+        tokens, targets, mask, new_doc = tokens.cpu(), targets.cpu(), mask.cpu(), new_doc.cpu()
         B = targets.shape[0]
         while len(self.history) < B:
             self.history.append([])
+            self.inputs.append([])
         for b in new_doc.nonzero().flatten().tolist():
-            self.history[b] = []
+            self.history[b], self.inputs[b] = [], []
         for kind, got, count, C in self.pending:
             for b in range(B):
                 hist = torch.tensor(self.history[b], dtype=torch.long)
                 if kind == "slots":
                     c = int(count[b])
                     w = c - 1 - torch.remainder(c - 1 - got[b].clamp(min=0), C)  # pair numbers
-                    nxt = hist[w.clamp(min=0, max=max(c - 1, 0))] if c else w
-                    found = got[b] >= 0
+                    w = w.clamp(min=0, max=max(c - 1, 0))
+                    nxt, own = hist[w], torch.tensor(self.inputs[b], dtype=torch.long)[w]
                 else:
-                    c, nxt, found = len(hist), got[b], got[b] >= 0
+                    c, nxt, own = len(hist), got[b], None
                 if c:
-                    self._score(nxt, found, targets[b], hist[max(0, c - C):c])
+                    self._score(nxt, own, got[b] >= 0, targets[b], hist[max(0, c - C):c])
         self.pending = []
-        for b in range(B):  # the written pairs' next tokens, in write order
+        for b in range(B):  # the written pairs' tokens and next tokens, in write order
             self.history[b].extend(targets[b][mask[b]].tolist())
+            self.inputs[b].extend(tokens[b][mask[b]].tolist())
 
-    def _score(self, nxt, found, want, stored) -> None:
-        """nxt, found (H, L, k): retrieved next tokens; want (L,); stored: the memory's."""
+    def _score(self, nxt, own, found, want, stored) -> None:
+        """nxt, own, found (H, L, k): retrieved pairs' next and own tokens (own: None for
+        a memory of next tokens); want (L,); stored: the memory's next tokens."""
         ok = want != -100
         if not bool(ok.any()) or not len(stored):
             return
         found = found & ok[None, :, None]
         hit = (nxt == want[None, :, None]) & found
+        if own is not None:
+            self.copies += ((own == want[None, :, None]) & found).sum((1, 2)).double()
         self.hits += hit.sum((1, 2)).double()
         self.pairs += found.sum((1, 2)).double()
         self.top1 += hit[:, :, 0].sum(1).double()
@@ -99,9 +113,10 @@ class KNNRetrievalStats:
         self.chance_n += float(ok.sum())
 
     def report(self, world_size: int = 1) -> dict | None:
-        """{"precision": [H], "top1": [H], "chance": float, "queries": int} or None."""
-        sums = torch.cat([self.hits, self.pairs, self.top1, self.queries, self.chance,
-                          self.chance_n])
+        """{"precision": [H], "top1": [H], "chance": float, "queries": int, and for an
+        attention memory "copy": [H]} or None."""
+        sums = torch.cat([self.hits, self.pairs, self.top1, self.queries, self.copies,
+                          self.chance, self.chance_n])
         if world_size > 1:
             import torch.distributed as dist
 
@@ -110,10 +125,13 @@ class KNNRetrievalStats:
             dist.all_reduce(sums)
             sums = sums.cpu()
         H = self.n_heads
-        hits, pairs, top1, queries = sums[:H], sums[H:2 * H], sums[2 * H:3 * H], sums[3 * H:4 * H]
-        chance, chance_n = float(sums[4 * H]), float(sums[4 * H + 1])
+        hits, pairs, top1, queries, copies = sums[:5 * H].view(5, H)
+        chance, chance_n = float(sums[5 * H]), float(sums[5 * H + 1])
         if not chance_n:
             return None
-        return {"precision": (hits / pairs.clamp(min=1)).tolist(),
-                "top1": (top1 / queries.clamp(min=1)).tolist(),
-                "chance": chance / chance_n, "queries": int(chance_n)}
+        out = {"precision": (hits / pairs.clamp(min=1)).tolist(),
+               "top1": (top1 / queries.clamp(min=1)).tolist(),
+               "chance": chance / chance_n, "queries": int(chance_n)}
+        if bool(copies.any()):
+            out["copy"] = (copies / pairs.clamp(min=1)).tolist()
+        return out
