@@ -70,3 +70,12 @@ def test_a_memory_of_next_tokens_is_scored_directly():
     r = s.report()
     assert r["precision"] == [1 / 3] and r["top1"] == [0.5] and "copy" not in r
     assert abs(r["chance"] - (2 / 4 + 1 / 4) / 2) < 1e-12
+
+
+def test_a_stream_with_an_empty_memory_is_skipped():
+    s = KNNRetrievalStats(n_heads=1)
+    s.enabled = True
+    observe(s, [1, 2], [2, 3], True)
+    s.record(torch.tensor([[[[-1], [-1]]]]), torch.tensor([0]), 8)
+    observe(s, [3, 4], [4, 5], True)
+    assert s.report() is None

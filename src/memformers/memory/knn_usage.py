@@ -80,15 +80,15 @@ class KNNRetrievalStats:
         for kind, got, count, C in self.pending:
             for b in range(B):
                 hist = torch.tensor(self.history[b], dtype=torch.long)
+                c = int(count[b]) if kind == "slots" else len(hist)
+                if c == 0:  # an empty memory retrieves nothing
+                    continue
                 if kind == "slots":
-                    c = int(count[b])
                     w = c - 1 - torch.remainder(c - 1 - got[b].clamp(min=0), C)  # pair numbers
-                    w = w.clamp(min=0, max=max(c - 1, 0))
                     nxt, own = hist[w], torch.tensor(self.inputs[b], dtype=torch.long)[w]
                 else:
-                    c, nxt, own = len(hist), got[b], None
-                if c:
-                    self._score(nxt, own, got[b] >= 0, targets[b], hist[max(0, c - C):c])
+                    nxt, own = got[b], None
+                self._score(nxt, own, got[b] >= 0, targets[b], hist[max(0, c - C):c])
         self.pending = []
         for b in range(B):  # the written pairs' tokens and next tokens, in write order
             self.history[b].extend(targets[b][mask[b]].tolist())
