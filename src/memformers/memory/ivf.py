@@ -47,7 +47,6 @@ class IVFIndex:
         self.indexes: list = []
         self.seen: list[np.ndarray] = []  # keys collected for training
         self.removed: list[int] = []  # per stream: ids below this are gone from the lists
-        self._pool: ThreadPoolExecutor | None = None  # search_streams' threads
 
     @property
     def ready(self) -> bool:
@@ -125,35 +124,36 @@ class IVFIndex:
         sim = dist if self.cosine else -dist
         return np.where(ids < 0, -np.inf, sim).astype(np.float32), ids
 
-    def search_streams(self, jobs: list[tuple[int, np.ndarray, int]], k: int
-                       ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``search(b, q, k, keep_from)`` for each job ``(b, q, keep_from)``, run as
-        ``torch.get_num_threads()`` concurrent one-thread faiss searches (each job's
-        queries split into as many parts as needed to use them).
 
-        Measured on 2 cores (2 streams x 256 queries, 65,536 keys, IVF 1024/8): faiss's own
-        OpenMP over the queries of one search at a time takes 44 ms per step next to
-        torch, one-thread searches of the two streams side by side 22 ms; their pools
-        spin against each other otherwise (BENCHMARKS.md, kNN-LM speed)."""
-        n = max(1, torch.get_num_threads())
-        if n == 1 or not jobs:
-            return [self.search(b, q, k, keep) for b, q, keep in jobs]
-        parts = max(1, -(-n // len(jobs)))  # query chunks per job
-        tasks = [(j, b, chunk, keep) for j, (b, q, keep) in enumerate(jobs)
-                 for chunk in np.array_split(q, min(parts, len(q)) or 1) if len(chunk)]
-        if self._pool is None or self._pool._max_workers != n:
-            self._pool = ThreadPoolExecutor(n, thread_name_prefix="ivf")
-        threads = self.faiss.omp_get_max_threads()
-        self.faiss.omp_set_num_threads(1)
-        try:
-            found = list(self._pool.map(lambda t: self.search(t[1], t[2], k, t[3]), tasks))
-        finally:
-            self.faiss.omp_set_num_threads(threads)
-        out = []
-        for j in range(len(jobs)):
-            mine = [f for t, f in zip(tasks, found) if t[0] == j]
-            if not mine:
-                out.append((np.full((0, k), -np.inf, np.float32), np.full((0, k), -1)))
-                continue
-            out.append((np.concatenate([m[0] for m in mine]), np.concatenate([m[1] for m in mine])))
-        return out
+def search_many(jobs: list[tuple[IVFIndex, int, np.ndarray, int]], k: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``index.search(b, q, k, keep_from)`` for each job ``(index, b, q, keep_from)``, as
+    ``torch.get_num_threads()`` concurrent one-thread faiss searches (a job's queries are
+    split into parts when there are fewer jobs than threads).
+
+    Measured on 2 cores (2 streams x 256 queries, 65,536 keys, IVF 1024/8): faiss's own
+    OpenMP over the queries of one search at a time takes 44 ms per step next to torch,
+    one-thread searches side by side 22 ms; the two OpenMP pools spin against each other
+    otherwise (BENCHMARKS.md, kNN-LM speed)."""
+    n = max(1, torch.get_num_threads())
+    if n == 1 or not jobs:
+        return [index.search(b, q, k, keep) for index, b, q, keep in jobs]
+    parts = max(1, -(-n // len(jobs)))  # query chunks per job
+    tasks = [(j, index, b, chunk, keep) for j, (index, b, q, keep) in enumerate(jobs)
+             for chunk in np.array_split(q, max(1, min(parts, len(q)))) if len(chunk)]
+    faiss = jobs[0][0].faiss
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(n, thread_name_prefix="ivf") as pool:
+            found = list(pool.map(lambda t: t[1].search(t[2], t[3], k, t[4]), tasks))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    out = []
+    for j in range(len(jobs)):
+        mine = [f for t, f in zip(tasks, found) if t[0] == j]
+        out.append((np.concatenate([m[0] for m in mine]) if mine
+                    else np.full((0, k), -np.inf, np.float32),
+                    np.concatenate([m[1] for m in mine]) if mine
+                    else np.full((0, k), -1, np.int64)))
+    return out

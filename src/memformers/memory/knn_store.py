@@ -691,11 +691,13 @@ class IVFSearch(SearchBackend):
             return self.exact.search(store, queries, k)
         S, Q, _ = queries.shape
         C, H = store.capacity, self.n_heads
+        from memformers.memory.ivf import search_many
+
         q = queries.cpu().numpy()
         out_s, out_i = torch.empty(S, Q, k), torch.empty(S, Q, k, dtype=torch.long)
-        for s in range(S):
-            b, h = divmod(s, H)
-            sim, ids = self.ivf[h].search(b, q[s], k, max(0, int(store.count[b]) - C))
+        found = search_many([(self.ivf[s % H], s // H, q[s], max(0, int(store.count[s // H]) - C))
+                             for s in range(S)], k)
+        for s, (sim, ids) in enumerate(found):
             out_s[s], ids = torch.from_numpy(sim), torch.from_numpy(ids)
             out_i[s] = torch.where(ids < 0, ids, ids % C)
         return out_s.to(queries.device), out_i.to(queries.device)

@@ -36,7 +36,7 @@ from torch import nn
 
 from memformers.errors import MemformersError
 from memformers.memory.configs import KNNLMConfig
-from memformers.memory.ivf import IVFIndex
+from memformers.memory.ivf import IVFIndex, search_many
 from memformers.memory.knn_store import STORAGE_DTYPES
 from memformers.memory.knn_usage import KNNRetrievalStats
 from memformers.memory.state import StreamState, remember, replaying
@@ -253,8 +253,8 @@ class KNNLM(StreamState, nn.Module):
         B, L, _ = q.shape
         C = self.cfg.capacity
         sims, vals = [], []
-        found = self.ivf.search_streams(
-            [(b, q[b].cpu().numpy(), max(0, int(self.count[b]) - C)) for b in range(B)], k)
+        found = search_many([(self.ivf, b, q[b].cpu().numpy(), max(0, int(self.count[b]) - C))
+                             for b in range(B)], k)
         for b in range(B):
             lim0 = int(limit[b].min())
             n = int(self.count[b])
