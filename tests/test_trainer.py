@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 import re
 import signal
@@ -63,6 +64,23 @@ def test_pkm_run_resolves_sparse_for_cpu_and_reports_slot_usage(tiny_corpus, tmp
     assert usage["tokens"] == ev["tokens"] and usage["slots"] == 64
     assert 0 < usage["used"] <= 1 and usage["slots_50"] <= usage["slots_90"] <= usage["slots_99"]
     assert "product keys blocks.1.ffn" in format_eval(ev)
+
+
+def test_periodic_eval_also_measures_the_memory_off_and_logs_trajectories(tiny_corpus,
+                                                                          tmp_path):
+    cfg = load_config(None, [*TINY_MODEL, f"data.corpus=\"{tiny_corpus}\"", "train.steps=4",
+                             "train.ckpt_every=0", "train.eval_every=2", "train.log_every=2",
+                             "model.xl_cache=true", "model.knn.layers=[1]",
+                             "model.knn.capacity=256", "data.eval_max_docs=1"])
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "eval" in r]
+    assert [r["step"] for r in evals] == [2]  # the last step's eval is the final one
+    on, off = evals[0]["eval"], evals[0]["eval_memory_off"]
+    assert on["tokens"] == off["tokens"] and on["loss"] != off["loss"]
+    assert "knn_retrieval" in on and "knn_retrieval" not in off  # off: nothing retrieved
+    logged = [r for r in recs if "gates" in r]
+    assert logged and all(len(r["scales"]["blocks.1"]) == 4 for r in logged)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_corpus, tmp_path):

@@ -36,6 +36,12 @@ class AttentionMemory(StreamState, nn.Module):
     # with the same weights: memory off vs on for one model (``memformers.memory.memory_off``)
     enabled = True
 
+    @property
+    def holds_memory(self) -> bool:
+        """False when this memory can never hold anything (e.g. kNN with capacity 0): the
+        layer is then its local attention, and memory-off evaluations skip it."""
+        return True
+
     @staticmethod
     def layer_config(cfg, layer: int):
         """The mechanism's config for one of its layers (settings given per layer are

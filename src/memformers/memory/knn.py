@@ -155,6 +155,10 @@ class KNNMemoryAttention(AttentionMemory):
         return [{"params": scalars, "lr": self.cfg.gate_lr,
                  "weight_decay": 0.0, "name": "knn_gate"}]
 
+    @property
+    def holds_memory(self) -> bool:
+        return self.cfg.capacity > 0
+
     def gate_values(self) -> torch.Tensor:
         """sigmoid(b_h): the gate ("gate"); for "joint", where b_h is the memory's
         log-weight in the softmax, a monotone view of it (0.5 = b_h 0)."""

@@ -370,7 +370,8 @@ class Trainer:
                             tb.add_scalar(f"train/{k}", last[k], self.step)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     record = {"step": self.step, "eval": self.evaluate()}
-                    if any(isinstance(m, AttentionMemory) for m in self.model.modules()):
+                    if any(isinstance(m, AttentionMemory) and m.holds_memory
+                           for m in self.model.modules()):
                         with memory_off(self.model):  # what the memory is worth right now
                             record["eval_memory_off"] = self.evaluate()
                     if main:
