@@ -76,7 +76,7 @@ def gate_report(model: torch.nn.Module, values: str = "gate_values") -> dict[str
     (``values="scale_values"``: their learned temperatures)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, AttentionMemory):
+        if isinstance(m, AttentionMemory) and m.holds_memory:
             g = getattr(m, values)()
             if g is not None:  # FSDP2 shards gates: gathered (every rank calls this)
                 out[name.replace(".attn.memory", "")] = [
