@@ -8,9 +8,10 @@
 3. prints the table and the two things memory is for: lower loss late in long
    documents (memory on vs off for the same weights) and passkey retrieval far
    beyond the attention window (segment + XL cache = 512 tokens), then every memory
-   on the same held-out tokens: the shipped base with and without the training-free
-   kNN-LM, the XL control, the kNN model with its memory off and on, and both with the
-   kNN-LM added, each with a bootstrap interval over documents;
+   on the same held-out tokens: the shipped base alone, with the training-free kNN-LM,
+   with the kNN memory and no training, and with both; the XL control; the kNN model
+   with its memory off and on, and both with the kNN-LM added, each with a bootstrap
+   interval over documents;
 4. runs the shipped ``passkey-knn`` model (the same base, taught on GPU to use its
    kNN memory with passkey prompts of <= 4K tokens) with its memory on and off:
    the key is retrieved from far beyond the window only with the memory.
@@ -84,9 +85,10 @@ def headline(results: dict) -> list[str]:
 KNNLM = "model.knnlm.capacity=65536"
 
 
-def memory_ladder(results: dict, spec, progress: bool) -> list[dict]:
-    """Every way to add memory, on the same held-out tokens: the shipped base with and
-    without the training-free kNN-LM, the fine-tuned XL control with and without it, and
+def memory_ladder(results: dict, cc, progress: bool) -> list[dict]:
+    """Every way to add memory, on the same held-out tokens: the shipped base alone, with
+    the training-free kNN-LM, with the kNN memory of the "xl+knn" variant's settings and no
+    training, and with both; the fine-tuned XL control with and without the kNN-LM; and
     the fine-tuned kNN model with its memory off, on, and on + the kNN-LM. Each row has
     the loss by position and its change against the base with a 95% bootstrap interval
     over documents."""
@@ -94,9 +96,15 @@ def memory_ladder(results: dict, spec, progress: bool) -> list[dict]:
     from memformers.data.corpus import CorpusSplit
     from memformers.evaluate.lm import bootstrap_change, evaluate_lm
 
+    spec = cc.eval
     runs = {v["name"]: v["run_dir"] for v in results["variants"]}
+    knn = [s for v in cc.variants if v.name == "xl+knn" for s in v.set
+           if s.startswith("model.knn.")]
     ladder = [("demo-base (no fine-tune)", "demo-base", []),
               ("demo-base + kNN-LM (no training)", "demo-base", [KNNLM])]
+    if knn:
+        ladder += [("demo-base + kNN memory (no training)", "demo-base", knn),
+                   ("demo-base + both (no training)", "demo-base", [*knn, KNNLM])]
     if "xl" in runs:
         ladder += [("xl (fine-tuned control)", runs["xl"], []),
                    ("xl + kNN-LM", runs["xl"], [KNNLM])]
@@ -118,14 +126,14 @@ def memory_ladder(results: dict, spec, progress: bool) -> list[dict]:
 
 def format_ladder(rows: list[dict]) -> list[str]:
     buckets = list(rows[0]["eval"]["by_position"]) if rows else []
-    lines = [f"  {'model':<34}{'loss':>8}" + "".join(f"{b:>9}" for b in buckets)
+    lines = [f"  {'model':<38}{'loss':>8}" + "".join(f"{b:>9}" for b in buckets)
              + "   vs demo-base (95% interval over documents)"]
     for r in rows:
         ev, (c, lo, hi) = r["eval"], r["change"]
         by = "".join(f"{ev['by_position'].get(b, {}).get('loss', float('nan')):>9.4f}"
                      for b in buckets)
         vs = "" if r is rows[0] else f"   {100 * c:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        lines.append(f"  {r['name']:<34}{ev['loss']:>8.4f}{by}{vs}")
+        lines.append(f"  {r['name']:<38}{ev['loss']:>8.4f}{by}{vs}")
     n = rows[0]["eval"] if rows else {}
     lines.append(f"  ({n.get('tokens', 0):,} tokens of {n.get('documents', 0)} held-out "
                  f"documents, the compare table's)")
@@ -169,7 +177,7 @@ def run_demo(quick: bool = False, out: str | None = None, progress: bool = True)
     print("\n".join(headline(results)) or "  (no memory results)")
     print("\nevery memory on the same held-out tokens, the training-free kNN-LM "
           "(model.knnlm, 65K entries) included:", flush=True)
-    ladder = memory_ladder(results, cc.eval, progress)
+    ladder = memory_ladder(results, cc, progress)
     print("\n".join(format_ladder(ladder)))
     (out_dir / "memory_ladder.json").write_text(json.dumps(
         [{**r, "eval": {k: v for k, v in r["eval"].items() if k != "by_doc"}}
