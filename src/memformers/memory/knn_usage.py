@@ -96,14 +96,17 @@ class KNNRetrievalStats:
 
     def _score(self, nxt, own, found, want, stored) -> None:
         """nxt, own, found (H, L, k): retrieved pairs' next and own tokens (own: None for
-        a memory of next tokens); want (L,); stored: the memory's next tokens."""
+        a memory of next tokens); want (L,); stored: the memory's next tokens. With grouped
+        query heads (the HF retrofit) a memory's rows are its G query heads' L positions
+        one after another: (H, G*L, k)."""
         ok = want != -100
         if not bool(ok.any()) or not len(stored):
             return
-        found = found & ok[None, :, None]
-        hit = (nxt == want[None, :, None]) & found
+        rows = want.repeat(nxt.shape[1] // len(want))  # (G*L,)
+        found = found & (rows != -100)[None, :, None]
+        hit = (nxt == rows[None, :, None]) & found
         if own is not None:
-            self.copies += ((own == want[None, :, None]) & found).sum((1, 2)).double()
+            self.copies += ((own == rows[None, :, None]) & found).sum((1, 2)).double()
         self.hits += hit.sum((1, 2)).double()
         self.pairs += found.sum((1, 2)).double()
         self.top1 += hit[:, :, 0].sum(1).double()
