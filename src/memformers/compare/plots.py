@@ -237,6 +237,6 @@ def plot_memory_trajectories(results: dict, path: Path) -> Path | None:
     ax_m.set(xlabel="step", ylabel="loss(memory off) - loss(on)", title="What memory is worth")
     ax_m.axhline(0, color="grey", lw=0.8)
     for ax in (ax_g, ax_s, ax_m):
-        if ax.lines:
+        if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=6)
     return _save(fig, path)
