@@ -440,3 +440,9 @@ def test_memorize_and_ask_cli(finetuned, tiny_corpus, tmp_path, capsys):
     assert main(["ask", "--model", str(run / "hf"), "--memory", str(tmp_path),
                  "--prompt", "x"]) == 2
     assert "not a saved memory" in capsys.readouterr().err
+
+
+def test_retrofit_refuses_the_joint_softmax_and_per_layer_normalisation():
+    for bad in ({"combine": "joint"}, {"normalize": [1]}):
+        with pytest.raises(MemformersError, match="a Hugging Face retrofit takes"):
+            retrofit(tiny("gpt2"), "knn", **bad)

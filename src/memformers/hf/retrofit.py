@@ -403,6 +403,10 @@ def _memory_config(kind: str, layers: list[int], options: dict):
     if kind == "knn" and (cfg.capacity < 0 or cfg.top_k <= 0):
         raise MemformersError(f"knn memory needs capacity >= 0 and top_k > 0; got capacity "
                               f"{cfg.capacity}, top_k {cfg.top_k}")
+    if kind == "knn" and (cfg.combine != "gate" or not isinstance(cfg.normalize, bool)):
+        raise MemformersError("a Hugging Face retrofit takes combine='gate' and normalize "
+                              "true or false (the wrapper keeps the library's own attention "
+                              "kernel, which exposes no softmax normaliser)")
     return cfg
 
 

@@ -35,6 +35,29 @@ from __future__ import annotations
 import torch
 
 
+class _Tokens:
+    """An append-only int64 sequence with amortised O(1) appends; ``view()`` is a tensor
+    of what it holds (no copy)."""
+
+    def __init__(self):
+        self.buf, self.n = torch.empty(0, dtype=torch.long), 0
+
+    def extend(self, values: torch.Tensor) -> None:
+        m = self.n + len(values)
+        if m > len(self.buf):
+            grown = torch.empty(max(m, 2 * len(self.buf), 1024), dtype=torch.long)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        self.buf[self.n:m] = values
+        self.n = m
+
+    def view(self) -> torch.Tensor:
+        return self.buf[:self.n]
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class KNNRetrievalStats:
     def __init__(self, n_heads: int):
         self.n_heads = n_heads
@@ -50,8 +73,10 @@ class KNNRetrievalStats:
         self.queries = torch.zeros(H, dtype=torch.float64)  # queries with a top-1
         self.chance = torch.zeros(1, dtype=torch.float64)  # sum over queries of the chance
         self.chance_n = torch.zeros(1, dtype=torch.float64)
-        self.history: list[list[int]] = []  # per stream: targets of its document so far
-        self.inputs: list[list[int]] = []  # per stream: its document's tokens so far
+        # per stream: targets and tokens of its document so far (grown by doubling, so that
+        # a long document costs no more per segment than a short one)
+        self.history: list[_Tokens] = []
+        self.inputs: list[_Tokens] = []
         self.pending: list[tuple] = []  # what the forwards retrieved since the last observe
 
     def record(self, slots: torch.Tensor, count: torch.Tensor, capacity: int) -> None:
@@ -73,26 +98,26 @@ class KNNRetrievalStats:
         tokens, targets, mask, new_doc = tokens.cpu(), targets.cpu(), mask.cpu(), new_doc.cpu()
         B = targets.shape[0]
         while len(self.history) < B:
-            self.history.append([])
-            self.inputs.append([])
+            self.history.append(_Tokens())
+            self.inputs.append(_Tokens())
         for b in new_doc.nonzero().flatten().tolist():
-            self.history[b], self.inputs[b] = [], []
+            self.history[b], self.inputs[b] = _Tokens(), _Tokens()
         for kind, got, count, C in self.pending:
             for b in range(B):
-                hist = torch.tensor(self.history[b], dtype=torch.long)
+                hist = self.history[b].view()
                 c = int(count[b]) if kind == "slots" else len(hist)
                 if c == 0:  # an empty memory retrieves nothing
                     continue
                 if kind == "slots":
                     w = c - 1 - torch.remainder(c - 1 - got[b].clamp(min=0), C)  # pair numbers
-                    nxt, own = hist[w], torch.tensor(self.inputs[b], dtype=torch.long)[w]
+                    nxt, own = hist[w], self.inputs[b].view()[w]
                 else:
                     nxt, own = got[b], None
                 self._score(nxt, own, got[b] >= 0, targets[b], hist[max(0, c - C):c])
         self.pending = []
         for b in range(B):  # the written pairs' tokens and next tokens, in write order
-            self.history[b].extend(targets[b][mask[b]].tolist())
-            self.inputs[b].extend(tokens[b][mask[b]].tolist())
+            self.history[b].extend(targets[b][mask[b]])
+            self.inputs[b].extend(tokens[b][mask[b]])
 
     def _score(self, nxt, own, found, want, stored) -> None:
         """nxt, own, found (H, L, k): retrieved pairs' next and own tokens (own: None for
