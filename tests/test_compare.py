@@ -500,3 +500,31 @@ def test_knn_memory_sweep_with_the_xl_cache_on_and_off(tiny_corpus, tmp_path):
     assert all(math.isfinite(p["loss"]) and p["loss"] != q["loss"] for p, q in zip(off, on))
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| xl+knn | off | 256 |" in report
+
+
+def test_trajectories_plot_draws_gates_memory_gain_and_key_staleness(tmp_path, monkeypatch):
+    from memformers.compare import plots
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": 10, "loss": 1.0, "gates": {"blocks.1": [0.1, 0.2]}},
+            {"step": 20, "eval": {"loss": 1.0}, "eval_memory_off": {"loss": 1.1},
+             "key_overlap": {"age_steps": 20, "blocks.1": [0.5, 0.7]}},
+            {"step": 40, "eval": {"loss": 0.9}, "eval_memory_off": {"loss": 1.05},
+             "key_overlap": {"age_steps": 20, "blocks.1": [0.8, 0.9]}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    drawn = {}
+    real_save = plots._save
+
+    def keep(fig, path):
+        drawn["axes"] = fig.axes
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    out = plots.plot_memory_trajectories(
+        {"variants": [{"name": "knn", "run_dir": str(run)}]}, tmp_path / "t.png")
+    assert out is not None and out.is_file()
+    staleness = drawn["axes"][3]
+    assert len(staleness.lines) == 1 and np.allclose(staleness.lines[0].get_ydata(), [0.6, 0.85])
+    gain = drawn["axes"][2].lines[0]
+    assert np.allclose(gain.get_ydata(), [0.1, 0.15])

@@ -83,6 +83,24 @@ def test_periodic_eval_also_measures_the_memory_off_and_logs_trajectories(tiny_c
     assert logged and all(len(r["scales"]["blocks.1"]) == 4 for r in logged)
 
 
+def test_periodic_eval_measures_key_staleness_without_changing_the_training(tiny_corpus,
+                                                                           tmp_path):
+    sets = [*TINY_MODEL, f"data.corpus=\"{tiny_corpus}\"", "train.steps=5",
+            "train.ckpt_every=0", "train.eval_every=2", "model.xl_cache=true",
+            "model.knn.layers=[1]", "model.knn.capacity=256", "data.eval_max_docs=1",
+            "train.staleness_segments=3"]
+    Trainer(load_config(None, sets), tmp_path / "on", progress=False).run()
+    recs = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r["key_overlap"] for r in recs if "key_overlap" in r]
+    assert [p["age_steps"] for p in probes] == [2, 2]
+    assert all(len(p["blocks.1"]) == 4 and all(0 <= x <= 1 for x in p["blocks.1"])
+               for p in probes)
+    Trainer(load_config(None, [*sets, "train.staleness_segments=0"]), tmp_path / "off",
+            progress=False).run()
+    on, off = (load_file(tmp_path / r / "model.safetensors") for r in ("on", "off"))
+    assert all(torch.equal(on[k], off[k]) for k in on)
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_corpus, tmp_path):
     steps = "train.steps=24"
     full = subprocess.run(_cli(*_train_args(tiny_corpus, tmp_path / "a", steps,

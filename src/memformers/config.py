@@ -98,6 +98,8 @@ class TrainConfig:
     bptt_segments: int = 1  # detach carried state every N segments
     checkpoint_activations: bool = False  # recompute each segment in backward (bounded memory)
     eval_every: int = 0  # 0 = only at the end
+    # at each eval_every: kNN key staleness on this many held-out segments (0 = off)
+    staleness_segments: int = 16
     ckpt_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -333,8 +335,9 @@ def validate(cfg: RunConfig) -> None:
            f"model.rel_buckets and model.rel_max_distance must be positive, got "
            f"{m.rel_buckets} and {m.rel_max_distance}")
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
-    _check(t.warmup_steps >= 0 and t.ckpt_every >= 0 and t.eval_every >= 0,
-           "train.warmup_steps, ckpt_every and eval_every must be >= 0")
+    _check(t.warmup_steps >= 0 and t.ckpt_every >= 0 and t.eval_every >= 0
+           and t.staleness_segments >= 0,
+           "train.warmup_steps, ckpt_every, eval_every and staleness_segments must be >= 0")
     _choice(t.precision, ("auto", "fp32", "bf16"), "train.precision")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"train.device must be auto, cpu or cuda[:N], got '{t.device}'")

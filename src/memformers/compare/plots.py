@@ -213,13 +213,14 @@ def _trajectory(run_dir) -> list[dict]:
 def plot_memory_trajectories(results: dict, path: Path) -> Path | None:
     """Per variant with a memory: the mean gate (and temperature) of each memory layer
     against the training step, and, where the trainer evaluated with the memory off too
-    (train.eval_every), held-out loss with memory off minus on."""
+    (train.eval_every), held-out loss with memory off minus on and the kNN key staleness
+    (top-k overlap of stale against fresh keys, diagnostics/key_staleness.py)."""
     runs = [(v["name"], _trajectory(v.get("run_dir"))) for v in results.get("variants", [])]
     runs = [(n, t) for n, t in runs if t]
     if not runs:
         return None
-    fig = _figure(11, 3.6)
-    ax_g, ax_s, ax_m = fig.add_subplot(131), fig.add_subplot(132), fig.add_subplot(133)
+    fig = _figure(14.5, 3.6)
+    ax_g, ax_s, ax_m, ax_k = (fig.add_subplot(1, 4, i) for i in range(1, 5))
     for name, recs in runs:
         for key, ax in (("gates", ax_g), ("scales", ax_s)):
             layers = sorted({layer for r in recs for layer in r.get(key, {})})
@@ -232,11 +233,18 @@ def plot_memory_trajectories(results: dict, path: Path) -> Path | None:
                 if "eval_memory_off" in r]
         if gain:
             ax_m.plot(*zip(*gain), marker="o", label=name)
+        probes = [r["key_overlap"] for r in recs if "key_overlap" in r]
+        for layer in sorted({k for p in probes for k in p if k != "age_steps"}):
+            pts = [(r["step"], np.mean(r["key_overlap"][layer])) for r in recs
+                   if layer in r.get("key_overlap", {})]
+            ax_k.plot(*zip(*pts), marker="o", label=f"{name} {layer}")
     ax_g.set(xlabel="step", ylabel="mean sigmoid(gate)", title="Memory gates")
     ax_s.set(xlabel="step", ylabel="mean temperature", title="Memory score scales")
     ax_m.set(xlabel="step", ylabel="loss(memory off) - loss(on)", title="What memory is worth")
     ax_m.axhline(0, color="grey", lw=0.8)
-    for ax in (ax_g, ax_s, ax_m):
+    ax_k.set(xlabel="step", ylabel="top-k overlap, stale vs fresh keys", ylim=(0, 1.05),
+             title="Key staleness (since the last probe)")
+    for ax in (ax_g, ax_s, ax_m, ax_k):
         if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=6)
     return _save(fig, path)

@@ -12,6 +12,9 @@ training on long documents, fine-tuning on passkey prompts or learning to sort:
 * ``evaluate()``      the task's metrics of a model (held-out loss by position,
                       passkey accuracy, ...), and ``format_result()`` / ``write_result()``
                       to show and keep them;
+* ``held_out_segments(n)``  the first ``n`` held-out segments of every stream, for
+                      probes between training steps (e.g. the kNN key staleness); a
+                      task without held-out streams returns [];
 * ``state_dict()`` / ``load_state_dict()``  where the batch source stands, so a resumed
                       run continues exactly (JSON-able, written with every checkpoint).
 
@@ -35,6 +38,9 @@ class Task:
 
     def next_window(self) -> list[Segment]:
         raise NotImplementedError
+
+    def held_out_segments(self, n: int) -> list[Segment]:
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}

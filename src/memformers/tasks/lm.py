@@ -8,6 +8,7 @@ and reports the loss by position in document (``evaluate.lm.evaluate_lm``).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from memformers.data.corpus import CorpusSplit
@@ -44,6 +45,14 @@ class LMTask(Task):
 
     def next_window(self) -> list[Segment]:
         return [next(self.stream) for _ in range(self.window)]
+
+    def held_out_segments(self, n: int) -> list[Segment]:
+        """The first ``n`` segments of this rank's held-out streams (first documents)."""
+        d = self.data
+        streams = DocumentStreams(self.eval_split, d.batch_size, d.segment_len, shuffle=False,
+                                  loop=False, rank=self.rank, world_size=self.world_size,
+                                  max_doc_tokens=d.eval_max_doc_tokens)
+        return list(itertools.islice(streams, n))
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from memformers.config import RunConfig, to_dict
 from memformers.data.corpus import open_corpus_manifest
 from memformers.data.tokenizer import ByteTokenizer, load_tokenizer
+from memformers.diagnostics.key_staleness import key_overlap, knn_layers, snapshot
 from memformers.errors import MemformersError
 from memformers.memory import configured_mechanisms, memory_off, resolve_for_device
 from memformers.memory.base import AttentionMemory
@@ -338,6 +339,11 @@ class Trainer:
         self.model.train()
         t0, tok0 = time.perf_counter(), self.tokens_seen
         last = {}
+        # kNN key staleness (diagnostics/key_staleness.py): weights of the last probe
+        stale_ref = None
+        if (t.eval_every and t.staleness_segments and self.dist.world_size == 1
+                and knn_layers(self.model)):
+            stale_ref = (self.step, snapshot(self.model))
         stop = False  # agreed by every rank, so all stop after the same step
         try:
             while self.step < t.steps and not stop:
@@ -374,6 +380,14 @@ class Trainer:
                            for m in self.model.modules()):
                         with memory_off(self.model):  # what the memory is worth right now
                             record["eval_memory_off"] = self.evaluate()
+                    if stale_ref is not None:
+                        segments = self.task.held_out_segments(t.staleness_segments + 1)
+                        if len(segments) >= 2:
+                            overlap = key_overlap(self.model, stale_ref[1], segments,
+                                                  self.autocast)
+                            record["key_overlap"] = {"age_steps": self.step - stale_ref[0],
+                                                     **overlap}
+                        stale_ref = (self.step, snapshot(self.model))
                     if main:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
@@ -381,6 +395,12 @@ class Trainer:
                         if "eval_memory_off" in record:
                             tqdm.write("  memory off: " + self.task.format_result(
                                 record["eval_memory_off"]).splitlines()[0])
+                        if "key_overlap" in record:
+                            ko = record["key_overlap"]
+                            tqdm.write(f"  kNN top-k overlap, keys {ko['age_steps']} steps "
+                                       "stale vs fresh: " + ", ".join(
+                                           f"{n} {sum(v) / len(v):.2f}" for n, v in ko.items()
+                                           if n != "age_steps"))
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.checkpoint()
                 stop = self.dist.any(self._stop)
