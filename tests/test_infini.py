@@ -1,6 +1,7 @@
 """Infini-attention (docs/infini.md) against brute-force references."""
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -75,10 +76,10 @@ def test_linear_rule_equals_closed_form_over_concatenation():
     np.testing.assert_allclose(mem.z.numpy(), sig(k).sum(2), rtol=1e-5)
 
 
-def delta_reference(segs, eps):
-    """Token-by-token python loops for eqs. (3), (5), float64."""
-    M = np.zeros((B, H, D, D))
-    z = np.zeros((B, H, D))
+def delta_reference(segs, eps, phi=sig, F=D):
+    """Token-by-token python loops for eqs. (3), (5), float64 (features ``phi`` of size F)."""
+    M = np.zeros((B, H, F, D))
+    z = np.zeros((B, H, F))
     outs = []
     for q, k, v in segs:
         q, k, v = q.numpy(), k.numpy(), v.numpy()
@@ -87,9 +88,9 @@ def delta_reference(segs, eps):
         for b in range(B):
             for h in range(H):
                 for t in range(L):
-                    sq = sig(q[b, h, t])
+                    sq = phi(q[b, h, t])
                     out[b, h, t] = (sq @ M[b, h]) / max(sq @ z[b, h], eps)
-                    sk = sig(k[b, h, t])
+                    sk = phi(k[b, h, t])
                     old = (sk @ M[b, h]) / max(sk @ z[b, h], eps)  # uses M_{s-1}
                     newM[b, h] += np.outer(sk, v[b, h, t] - old)
                     newz[b, h] += sk
@@ -110,6 +111,55 @@ def test_delta_rule_equals_loop_reference():
     lin = make("linear")
     run(lin, [(q.float(), k.float(), v.float()) for q, k, v in segs])
     assert not torch.allclose(lin.M, mem.M, atol=1e-2)  # the delta term matters here
+
+
+def test_learned_features_start_as_the_papers():
+    segs = [(q.float(), k.float(), v.float()) for q, k, v in segments(3, seed=4)]
+    torch.manual_seed(0)
+    paper, learned = make("delta"), make("delta", feature="learned")
+    for got, want in zip(run(learned, segs), run(paper, segs)):
+        torch.testing.assert_close(got, want)
+
+
+def test_learned_features_delta_rule_equals_loop_reference():
+    """phi(x) = sigma(x A + gelu(x W1) W2) into F = 2 D features, weights made non-trivial,
+    against the token loop with phi computed in numpy from the same weights."""
+    torch.manual_seed(3)
+    F = 2 * D
+    mem = make("delta", feature="learned", feature_dim=F)
+    with torch.no_grad():
+        for prm in mem.feature_mlp.parameters():
+            prm.normal_(0, 0.5)
+    A = mem.feature_proj.detach().double().numpy()
+    W1, b1 = (t.detach().double().numpy() for t in (mem.feature_mlp[0].weight,
+                                                    mem.feature_mlp[0].bias))
+    W2, b2 = (t.detach().double().numpy() for t in (mem.feature_mlp[2].weight,
+                                                    mem.feature_mlp[2].bias))
+
+    def phi(x):
+        h = x @ W1.T + b1
+        gelu = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        return sig(x @ A + gelu @ W2.T + b2)
+
+    segs = segments(4, seed=5)
+    outs = run(mem, [(q.float(), k.float(), v.float()) for q, k, v in segs])
+    want, M, z = delta_reference(segs, mem.cfg.eps, phi, F)
+    for got, ref in zip(outs, want):
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-5)
+    assert mem.M.shape == (B, H, F, D) and mem.state_bytes_per_stream() == H * F * (D + 1) * 4
+    np.testing.assert_allclose(mem.M.detach().numpy(), M, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mem.z.detach().numpy(), z, rtol=1e-5)
+
+
+def test_learned_features_are_trained_through_the_memory():
+    mem = make("delta", feature="learned", feature_dim=2 * D)
+    (q1, k1, v1), (q2, k2, v2) = [(q.float(), k.float(), v.float()) for q, k, v in segments(2)]
+    ones = torch.ones(B, L, dtype=torch.bool)
+    mem(q1, k1, v1, torch.zeros_like(v1), ones, True)
+    out = mem(q2, k2, v2, torch.zeros_like(v2), ones, True)
+    out.square().sum().backward()
+    assert mem.feature_mlp[2].weight.grad.abs().sum() > 0  # zero-init W2 still gets a gradient
+    assert mem.feature_proj.grad.abs().sum() > 0
 
 
 def test_delta_rule_leaves_an_exactly_stored_binding_unchanged():

@@ -439,6 +439,10 @@ def validate(cfg: RunConfig) -> None:
     i = m.infini
     _choice(i.update, ("linear", "delta"), "model.infini.update")
     _check(i.gate_lr > 0, "model.infini.gate_lr must be positive")
+    _choice(i.feature, ("elu", "learned"), "model.infini.feature")
+    _check(i.feature_dim == 0 or (i.feature == "learned" and i.feature_dim >= m.head_dim),
+           f"model.infini.feature_dim needs feature = \"learned\" and must be >= head_dim "
+           f"({m.head_dim}), got {i.feature_dim}")
 
     c = m.continuous
     _check(c.n_basis > 0 and c.n_basis % len(c.widths) == 0,

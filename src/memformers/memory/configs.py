@@ -112,6 +112,9 @@ class InfiniConfig:
 
     layers: list[int] = field(default_factory=list)
     update: str = "delta"  # "linear" | "delta"
+    # "elu": sigma = ELU + 1 (the paper) | "learned": sigma(x A + gelu(x W1) W2), trained
+    feature: str = "elu"
+    feature_dim: int = 0  # "learned": size of the feature space (0 = head_dim)
     gate_init: float = 0.0
     gate_lr: float = 1e-2  # own parameter group, no weight decay
     eps: float = 1e-6
