@@ -197,6 +197,14 @@ def test_masked_topk_equals_sort():
     assert torch.allclose(s, ref)
     real = torch.isfinite(s)
     assert bool((i[~real] == -1).all())
+    assert torch.allclose(full.gather(2, i.clamp(min=0))[real], s[real])  # indices match
+    for k in (4, 12):  # unsorted: the same pairs in some order (k = 12: fewer allowed)
+        s1, i1 = masked_topk(q, keys, None, valid, pos, limit, k, chunk=7)
+        s2, i2 = masked_topk(q, keys, None, valid, pos, limit, k, chunk=7, sorted=False)
+        order = s2.sort(-1, descending=True)
+        assert torch.equal(order.values, s1) and torch.equal(i2.gather(2, order.indices)
+                                                             [torch.isfinite(s1)],
+                                                             i1[torch.isfinite(s1)])
 
 
 def test_ivf_recall_on_clustered_keys_and_reset():

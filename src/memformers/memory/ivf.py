@@ -83,21 +83,39 @@ class IVFIndex:
                 self.indexes[b].reset()
             self.removed[b] = 0
 
-    def add(self, b: int, keys: np.ndarray, ids: np.ndarray, keep_from: int) -> None:
-        """Add stream b's new keys under their positions; drop positions < keep_from."""
+    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``nprobe`` nearest lists of each vector x (N, d): (similarities, lists), each
+        (N, nprobe), best first. A search given them (``coarse``) skips the quantizer, and
+        an add given their first column (``lists``) too."""
+        return self.quantizer.search(np.ascontiguousarray(x, dtype=np.float32), self.nprobe)
+
+    def add(self, b: int, keys: np.ndarray, ids: np.ndarray, keep_from: int,
+            lists: np.ndarray | None = None) -> None:
+        """Add stream b's new keys under their positions (into ``lists`` (N,) if given: the
+        keys' nearest lists, from ``assign``); drop positions < keep_from."""
         index = self.indexes[b]
         if len(ids):
-            index.add_with_ids(np.ascontiguousarray(keys), np.ascontiguousarray(ids))
+            keys = np.ascontiguousarray(keys, dtype=np.float32)
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            if lists is None:
+                index.add_with_ids(keys, ids)
+            else:
+                lists = np.ascontiguousarray(lists, dtype=np.int64)
+                sp = self.faiss.swig_ptr
+                index.add_core(len(ids), sp(keys), sp(ids), sp(lists))
         if keep_from - self.removed[b] >= self.EVICT_EVERY:
             index.remove_ids(self.faiss.IDSelectorRange(0, keep_from))
             self.removed[b] = keep_from
 
     def add_stored(self, old: torch.Tensor, count: torch.Tensor, capacity: int,
-                   rows: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+                   rows: Callable[[int, torch.Tensor], torch.Tensor],
+                   lists: Callable[[int, torch.Tensor], np.ndarray] | None = None) -> None:
         """Index what a FIFO of ``capacity`` rows per stream stored since ``old`` (B,), now
         ``count`` (B,) rows written per stream; ``rows(b, positions)`` gives stream b's keys
-        at those positions (any float tensor). Before the quantizer is trained the rows go
-        to ``collect``; once it is, every row still stored is indexed."""
+        at those positions (any float tensor), ``lists(b, positions)``, if given, their
+        nearest lists (``assign``). Before the quantizer is trained the rows go to
+        ``collect``; once it is, every row still stored is indexed. The streams' adds run
+        side by side, one thread each (as ``search_many``)."""
         start = torch.maximum(old, count - capacity)  # (B,) first position still stored
         B = len(count)
         if not self.ready:
@@ -107,27 +125,61 @@ class IVFIndex:
             if not self.collect(got.astype(np.float32)):
                 return
             start = (count - capacity).clamp(min=0)  # trained now: index every stored row
+            lists = None  # (assigned before the quantizer existed: none)
+        jobs = []
         for b in range(B):
             pos = torch.arange(int(start[b]), int(count[b]))
-            self.add(b, rows(b, pos).float().cpu().numpy(), pos.numpy(),
-                     int(count[b]) - capacity)
+            jobs.append((b, rows(b, pos).float().cpu().numpy(), pos.numpy(),
+                         int(count[b]) - capacity, None if lists is None else lists(b, pos)))
+        _side_by_side(lambda job: self.add(*job), jobs, self.faiss)
 
-    def search(self, b: int, q: np.ndarray, k: int, keep_from: int
+    def search(self, b: int, q: np.ndarray, k: int, keep_from: int,
+               coarse: tuple[np.ndarray, np.ndarray] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Stream b's top-k among ids >= ``keep_from``: (similarity (L, k): q.k for cosine,
-        -|q - k|^2 for l2, -inf where missing; positions (L, k), -1 where missing)."""
+        -|q - k|^2 for l2, -inf where missing; positions (L, k), -1 where missing).
+        ``coarse``: the queries' lists from ``assign``, if already known."""
         params = self.faiss.SearchParametersIVF(nprobe=self.nprobe)
         if keep_from > self.removed[b]:  # evicted ids still in the lists: skip them
             sel = self.faiss.IDSelectorRange(keep_from, 1 << 62)
             params.sel = sel  # (``sel`` must outlive the search)
-        dist, ids = self.indexes[b].search(np.ascontiguousarray(q), k, params=params)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if coarse is None:
+            dist, ids = self.indexes[b].search(q, k, params=params)
+        else:  # the C++ search over given lists (faiss's python wrapper takes no params)
+            n, sp = len(q), self.faiss.swig_ptr
+            dist = np.empty((n, k), dtype=np.float32)
+            ids = np.empty((n, k), dtype=np.int64)
+            c_dis, c_lists = (np.ascontiguousarray(c) for c in coarse)
+            self.indexes[b].search_preassigned_c(n, sp(q), k, sp(c_lists), sp(c_dis), sp(dist),
+                                                 sp(ids), False, params)
         sim = dist if self.cosine else -dist
         return np.where(ids < 0, -np.inf, sim).astype(np.float32), ids
 
 
-def search_many(jobs: list[tuple[IVFIndex, int, np.ndarray, int]], k: int
+_POOL: list = [None, 0]  # one thread pool for faiss calls, reused: (executor, threads)
+
+
+def _side_by_side(fn: Callable, items: list, faiss) -> list:
+    """``[fn(x) for x in items]`` in ``torch.get_num_threads()`` threads, each running faiss
+    on one OpenMP thread (see ``search_many``). The pool is made once per thread count."""
+    n = max(1, torch.get_num_threads())
+    if n == 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    if _POOL[1] != n:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=False)
+        # OpenMP settings are per thread: each worker holds faiss to one thread for good
+        _POOL[:] = [ThreadPoolExecutor(n, thread_name_prefix="ivf",
+                                       initializer=faiss.omp_set_num_threads,
+                                       initargs=(1,)), n]
+    return list(_POOL[0].map(fn, items))
+
+
+def search_many(jobs: list[tuple[IVFIndex, int, np.ndarray, int, tuple | None]], k: int
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``index.search(b, q, k, keep_from)`` for each job ``(index, b, q, keep_from)``, as
+    """``index.search(b, q, k, keep_from, coarse)`` for each job ``(index, b, q, keep_from,
+    coarse)``, as
     ``torch.get_num_threads()`` concurrent one-thread faiss searches (a job's queries are
     split into parts when there are fewer jobs than threads).
 
@@ -137,18 +189,16 @@ def search_many(jobs: list[tuple[IVFIndex, int, np.ndarray, int]], k: int
     otherwise (BENCHMARKS.md, kNN-LM speed)."""
     n = max(1, torch.get_num_threads())
     if n == 1 or not jobs:
-        return [index.search(b, q, k, keep) for index, b, q, keep in jobs]
+        return [index.search(b, q, k, keep, coarse) for index, b, q, keep, coarse in jobs]
     parts = max(1, -(-n // len(jobs)))  # query chunks per job
-    tasks = [(j, index, b, chunk, keep) for j, (index, b, q, keep) in enumerate(jobs)
-             for chunk in np.array_split(q, max(1, min(parts, len(q)))) if len(chunk)]
-    faiss = jobs[0][0].faiss
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(n, thread_name_prefix="ivf") as pool:
-            found = list(pool.map(lambda t: t[1].search(t[2], t[3], k, t[4]), tasks))
-    finally:
-        faiss.omp_set_num_threads(threads)
+    tasks = []
+    for j, (index, b, q, keep, coarse) in enumerate(jobs):
+        for rows in np.array_split(np.arange(len(q)), max(1, min(parts, len(q)))):
+            if len(rows):
+                part = None if coarse is None else (coarse[0][rows], coarse[1][rows])
+                tasks.append((j, index, b, q[rows], keep, part))
+    found = _side_by_side(lambda t: t[1].search(t[2], t[3], k, t[4], t[5]), tasks,
+                          jobs[0][0].faiss)
     out = []
     for j in range(len(jobs)):
         mine = [f for t, f in zip(tasks, found) if t[0] == j]

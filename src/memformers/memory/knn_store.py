@@ -695,8 +695,8 @@ class IVFSearch(SearchBackend):
 
         q = queries.cpu().numpy()
         out_s, out_i = torch.empty(S, Q, k), torch.empty(S, Q, k, dtype=torch.long)
-        found = search_many([(self.ivf[s % H], s // H, q[s], max(0, int(store.count[s // H]) - C))
-                             for s in range(S)], k)
+        found = search_many([(self.ivf[s % H], s // H, q[s],
+                              max(0, int(store.count[s // H]) - C), None) for s in range(S)], k)
         for s, (sim, ids) in enumerate(found):
             out_s[s], ids = torch.from_numpy(sim), torch.from_numpy(ids)
             out_i[s] = torch.where(ids < 0, ids, ids % C)

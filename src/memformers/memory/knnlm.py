@@ -51,13 +51,15 @@ def masked_topk(
     limit: torch.Tensor,  # (B, L) int64: query t may use candidates with pos <= limit[t]
     k: int,
     chunk: int,
+    sorted: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of ``scale * q . key + bias`` over the allowed candidates, ``chunk``
-    candidates at a time; (scores (B, L, k) fp32, indices (B, L, k) int64), -inf / -1 where
-    fewer than k candidates are allowed."""
+    """Exact top-k of ``q . key + bias`` over the allowed candidates, ``chunk`` candidates
+    at a time; (scores (B, L, k) fp32, indices (B, L, k) int64), -inf / -1 where fewer
+    than k candidates are allowed; best first if ``sorted`` (else in no order: a CPU
+    top-k that need not sort takes about half the time)."""
     B, L, _ = q.shape
-    best_s = torch.full((B, L, k), float("-inf"), device=q.device)
-    best_i = torch.full((B, L, k), -1, dtype=torch.long, device=q.device)
+    best_s = torch.full((B, L, 0), float("-inf"), device=q.device)
+    best_i = torch.full((B, L, 0), -1, dtype=torch.long, device=q.device)
     N = keys.shape[1]
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
@@ -72,11 +74,21 @@ def masked_topk(
         if bool((p.masked_fill(~ok, -1).amax(1) > limit.amin(1)).any()):  # some too recent
             allowed = allowed & (p[:, None, :] <= limit[:, :, None])  # (B, L, n)
         sc = sc.masked_fill(~allowed, float("-inf"))
-        kk = min(k, c1 - c0)
-        s, i = sc.topk(kk, dim=-1)
-        all_s, all_i = torch.cat([best_s, s], -1), torch.cat([best_i, i + c0], -1)
-        best_s, j = all_s.topk(k, dim=-1)
-        best_i = all_i.gather(2, j)
+        s, i = sc.topk(min(k, c1 - c0), dim=-1, sorted=False)
+        if best_s.shape[-1]:  # merge with the earlier chunks' best
+            s, j = torch.cat([best_s, s], -1).topk(min(k, best_s.shape[-1] + s.shape[-1]),
+                                                   dim=-1, sorted=False)
+            i = torch.cat([best_i, i + c0], -1).gather(2, j)
+            best_s, best_i = s, i
+        else:
+            best_s, best_i = s, i + c0
+    if best_s.shape[-1] < k:  # fewer than k candidates in all
+        pad = k - best_s.shape[-1]
+        best_s = torch.cat([best_s, best_s.new_full((B, L, pad), float("-inf"))], -1)
+        best_i = torch.cat([best_i, best_i.new_full((B, L, pad), -1)], -1)
+    if sorted:
+        best_s, j = best_s.sort(dim=-1, descending=True)
+        best_i = best_i.gather(2, j)
     return best_s, best_i.masked_fill(torch.isinf(best_s), -1)
 
 
@@ -199,10 +211,12 @@ class KNNLM(StreamState, nn.Module):
         return -keys.float().pow(2).sum(-1)
 
     @torch.no_grad()
-    def neighbours(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+    def neighbours(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                   sorted: bool = True, coarse: tuple | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top_k pairs each position may retrieve: (similarity (B, L, k) fp32, -inf where
-        missing; next tokens (B, L, k) int64). Reads the state only."""
+        missing; next tokens (B, L, k) int64), best first if ``sorted``. Reads the state
+        only. ``coarse``: ``_coarse(h)``, the IVF lists of the segment's keys, if known."""
         cfg = self.cfg
         B, L = tokens.shape
         q = self._keys(h)  # (B, L, D)
@@ -210,11 +224,12 @@ class KNNLM(StreamState, nn.Module):
         qs = q * scale
         limit = self.seen[:, None] + torch.arange(L, device=q.device) - 1 - cfg.min_distance
         k = min(cfg.top_k, cfg.capacity + L)
-        s1, v1 = self._ring_neighbours(q, qs, limit, k)
+        s1, v1 = self._ring_neighbours(q, qs, limit, k, sorted=False, coarse=coarse)
         ck, cv, cok, cpos = self._candidates(q, tokens, mask)
-        s2, i2 = masked_topk(qs, ck, self._bias(ck), cok, cpos, limit, k, cfg.search_chunk)
+        s2, i2 = masked_topk(qs, ck, self._bias(ck), cok, cpos, limit, k, cfg.search_chunk,
+                             sorted=False)
         v2 = cv.gather(1, i2.clamp(min=0).flatten(1)).view(B, L, k)
-        s, j = torch.cat([s1, s2], -1).topk(k, dim=-1)
+        s, j = torch.cat([s1, s2], -1).topk(k, dim=-1, sorted=sorted)
         v = torch.cat([v1, v2], -1).gather(2, j)
         if cfg.similarity == "l2":  # the constant -|q|^2 makes it the true -distance^2
             s = s - q.pow(2).sum(-1, keepdim=True)
@@ -235,25 +250,27 @@ class KNNLM(StreamState, nn.Module):
             s = s - q.pow(2).sum(-1, keepdim=True)
         return s, v
 
-    def _ring_neighbours(self, q, qs, limit, k):
+    def _ring_neighbours(self, q, qs, limit, k, sorted: bool = True, coarse=None):
         """The ring's top-k for queries q (B, L, D) (scaled: qs) with positions <= limit
         (B, L): (scores (B, L, k), next tokens (B, L, k)); faiss once its index is trained."""
         if self.ivf is not None and self.ivf.ready:
-            return self._ivf_neighbours(q, qs, limit, k)
+            return self._ivf_neighbours(q, qs, limit, k, sorted, coarse)
         B, L, _ = q.shape
         C = self.keys.shape[1]
         ring_ok = torch.arange(C, device=q.device)[None, :] < self.filled[:, None]
         s, i = masked_topk(qs, self.keys, None if self.cfg.similarity == "cosine" else
-                           -self.sqnorm, ring_ok, self.pos, limit, k, self.cfg.search_chunk)
+                           -self.sqnorm, ring_ok, self.pos, limit, k, self.cfg.search_chunk,
+                           sorted)
         return s, self.values.gather(1, i.clamp(min=0).flatten(1)).view(B, L, k)
 
-    def _ivf_neighbours(self, q, qs, limit, k):
+    def _ivf_neighbours(self, q, qs, limit, k, sorted: bool = True, coarse=None):
         """The ring's top-k through faiss: its pairs every query may use (positions <= the
         segment's smallest limit) from the index, the few more recent ones exactly."""
         B, L, _ = q.shape
         C = self.cfg.capacity
         sims, vals = [], []
-        found = search_many([(self.ivf, b, q[b].cpu().numpy(), max(0, int(self.count[b]) - C))
+        found = search_many([(self.ivf, b, q[b].cpu().numpy(), max(0, int(self.count[b]) - C),
+                              None if coarse is None else (coarse[0][b, 1:], coarse[1][b, 1:]))
                              for b in range(B)], k)
         for b in range(B):
             lim0 = int(limit[b].min())
@@ -267,12 +284,13 @@ class KNNLM(StreamState, nn.Module):
                 rk = self.keys[b, recent % C][None]
                 bias = None if self.ivf.cosine else -self.sqnorm[b, recent % C][None]
                 rs, ri = masked_topk(qs[b:b + 1], rk, bias, torch.ones_like(recent)[None].bool(),
-                                     recent[None], limit[b:b + 1], k, self.cfg.search_chunk)
+                                     recent[None], limit[b:b + 1], k, self.cfg.search_chunk,
+                                     sorted=False)
                 s = torch.cat([s, rs[0]], -1)
                 ids = torch.cat([ids, torch.where(ri[0] < 0, ri[0], recent[ri[0].clamp(min=0)])],
                                 -1)
-            s, j = s.topk(k, dim=-1)
-            ids = ids.gather(1, j)
+                s, j = s.topk(k, dim=-1, sorted=sorted)  # faiss's own results come sorted
+                ids = ids.gather(1, j)
             sims.append(s)
             vals.append(self.values[b, ids.clamp(min=0) % C])
         return torch.stack(sims), torch.stack(vals)
@@ -292,9 +310,23 @@ class KNNLM(StreamState, nn.Module):
 
     # ----------------------------------------------------------------- write
 
+    def _coarse(self, h: torch.Tensor) -> tuple | None:
+        """The IVF lists (similarities, lists), each (B, L + 1, nprobe), of the pending key
+        (row 0) and of this segment's keys h (rows 1..L): the search of the segment's
+        queries and the add of its pairs (the same vectors, one position apart) share one
+        run of the coarse quantizer. None before the index is trained."""
+        if self.ivf is None or not self.ivf.ready:
+            return None
+        B, L, D = h.shape
+        x = torch.cat([self.pending_key[:, None], self._keys(h)], 1)  # (B, L + 1, D)
+        sims, lists = self.ivf.assign(x.reshape(-1, D).cpu().numpy())
+        return sims.reshape(B, L + 1, -1), lists.reshape(B, L + 1, -1)
+
     @torch.no_grad()
-    def write(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:
-        """Store this segment's known pairs (FIFO); the last real position becomes pending."""
+    def write(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+              coarse: tuple | None = None) -> None:
+        """Store this segment's known pairs (FIFO); the last real position becomes pending.
+        ``coarse``: ``_coarse(h)`` from before the write, if known."""
         B, L = tokens.shape
         C = self.cfg.capacity
         q = self._keys(h)
@@ -308,10 +340,14 @@ class KNNLM(StreamState, nn.Module):
         self.values[b, slot] = values[b, t]
         self.pos[b, slot] = pos[b, t]
         self.sqnorm[b, slot] = keys[b, t].pow(2).sum(-1)
-        old = self.count
+        old, first = self.count, self.seen - 1  # the candidates' positions start at first
         self.count = self.count + n_new
         if self.ivf is not None:
-            self._ivf_add(old)
+            lists = None
+            if coarse is not None:  # candidate t is row t of coarse (pending, h_0, ...)
+                nearest = coarse[1][:, :L, 0]  # (B, L)
+                lists = lambda b, p: nearest[b, p.numpy() - int(first[b])]  # noqa: E731
+            self._ivf_add(old, lists)
         n_real = mask.sum(1)  # (B,) real tokens: a prefix of the segment
         last = (n_real - 1).clamp(min=0)
         has = n_real > 0
@@ -319,12 +355,13 @@ class KNNLM(StreamState, nn.Module):
         self.pending = self.pending | has
         self.seen = self.seen + n_real
 
-    def _ivf_add(self, old: torch.Tensor) -> None:
+    def _ivf_add(self, old: torch.Tensor, lists=None) -> None:
         """Give the faiss indexes the pairs stored since ``old`` (per stream); before the
-        quantizer is trained, collect them for training (then add every stored pair)."""
+        quantizer is trained, collect them for training (then add every stored pair).
+        ``lists(b, positions)``: their nearest IVF lists, if already known."""
         C = self.cfg.capacity
         self.ivf.add_stored(old, self.count, C,
-                            lambda b, pos: self.keys[b, pos.to(self.keys.device) % C])
+                            lambda b, pos: self.keys[b, pos.to(self.keys.device) % C], lists)
 
     def forward(self, logits: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor, commit: bool) -> torch.Tensor:
@@ -332,12 +369,19 @@ class KNNLM(StreamState, nn.Module):
         # The ring is written in place: a checkpointed segment recomputed in backward reads
         # what its first run retrieved and writes nothing (memory/state.py).
         out = logits
+        coarse = None
         if self.cfg.lam > 0:
-            sim, values = remember(self, lambda: self.neighbours(h, tokens, mask))
+            def read():  # the coarse lists serve the search now and the write below
+                coarse = self._coarse(h)
+                # best first only where the retrieval statistics look at the top-1
+                return coarse, *self.neighbours(h, tokens, mask, sorted=self.retrieval.enabled,
+                                                coarse=coarse)
+
+            coarse, sim, values = remember(self, read)
             if self.retrieval.enabled and not replaying():
                 self.retrieval.record_next_tokens(
                     values.masked_fill(torch.isinf(sim), -1)[:, None], self.cfg.capacity)
             out = self.mix(logits, sim, values)
         if commit and not replaying():
-            self.write(h, tokens, mask)
+            self.write(h, tokens, mask, coarse)
         return out
