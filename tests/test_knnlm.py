@@ -87,6 +87,22 @@ def test_head_equals_brute_force(cfg, seg):
         assert torch.allclose(got[b].exp().sum(-1), torch.ones(T), atol=1e-5)
 
 
+@pytest.mark.parametrize("similarity", ["cosine", "l2"])
+def test_ivf_with_fp16_codes_of_fp16_keys_equals_exact_search(similarity):
+    """ivf_codes "auto" copies the ring's fp16 keys as fp16 codes, losslessly: probing
+    every list gives the exact backend's log-probabilities (same storage)."""
+    torch.manual_seed(1)
+    B, T = 2, 60
+    h, tokens, logits = torch.randn(B, T, D), torch.randint(0, V, (B, T)), torch.randn(B, T, V)
+    common = dict(capacity=30, top_k=5, lam=0.4, temperature=0.2, similarity=similarity)
+    exact = run_head(KNNLM(KNNLMConfig(backend="exact", **common), D), h, tokens, logits, 7)
+    head = KNNLM(KNNLMConfig(backend="ivf", ivf_nlist=4, ivf_nprobe=4, ivf_train=16, **common),
+                 D)
+    ivf = run_head(head, h, tokens, logits, 7)
+    assert head.ivf.ready and head.ivf.codes == "fp16"
+    assert torch.allclose(ivf, exact, atol=1e-5)
+
+
 def test_never_retrieves_itself_or_later_positions():
     """Each position's key is a one-hot of its own index: any retrieval of itself or of a
     later position would show as a neighbour with similarity 1."""

@@ -29,6 +29,7 @@ import tomllib
 
 from memformers.errors import MemformersError
 from memformers.memory.configs import (
+    IVF_CODES,
     ContinuousConfig,
     InfiniConfig,
     KNNConfig,
@@ -397,6 +398,7 @@ def validate(cfg: RunConfig) -> None:
            f"(model.knn.layers {k.layers})")
     _check(0 < k.ivf_nprobe <= k.ivf_nlist <= k.ivf_train,
            "model.knn: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
+    _choice(k.ivf_codes, ("auto", *IVF_CODES), "model.knn.ivf_codes")
     _check(k.block_size > 0 and k.block_probe > 0 and k.block_group > 0,
            "model.knn.block_size, block_probe and block_group must be positive")
     _check(k.backend != "block" or k.capacity % k.block_size == 0,
@@ -424,6 +426,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(n.backend, ("auto", "exact", "ivf"), "model.knnlm.backend")
     _check(0 < n.ivf_nprobe <= n.ivf_nlist and n.ivf_train >= n.ivf_nlist,
            "model.knnlm: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
+    _choice(n.ivf_codes, ("auto", *IVF_CODES), "model.knnlm.ivf_codes")
     _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model needs no "
                                            "training: use memformers.hf.add_memory(model, "
                                            "kind='knnlm'), then memorize / ask")

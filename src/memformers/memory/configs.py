@@ -8,6 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+IVF_CODES = {"fp16": 2, "fp32": 4}  # how an IVF index stores its copy of a key: bytes/dim
+
+
+def ivf_codes_of(codes: str, storage_dtype: str) -> str:
+    """``ivf_codes = "auto"``: the ring's own precision where faiss has it (fp16 keys are
+    copied exactly as fp16 codes), else fp32; so the index never rounds a key the ring
+    holds, and its scores are the exact search's."""
+    if codes != "auto":
+        return codes
+    return "fp16" if storage_dtype == "float16" else "fp32"
+
 
 @dataclass
 class KNNConfig:
@@ -49,6 +60,7 @@ class KNNConfig:
     ivf_nlist: int = 1024  # ivf backend: lists (k-means centroids) per head
     ivf_nprobe: int = 64  # lists a query scans (recall@32 0.96-0.98 on recorded keys)
     ivf_train: int = 16384  # keys per head the centroids are trained on, once
+    ivf_codes: str = "auto"  # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32"
     block_size: int = 64
     block_probe: int = 32
     block_group: int = 16
@@ -81,6 +93,7 @@ class KNNLMConfig:
     ivf_nlist: int = 1024
     ivf_nprobe: int = 8
     ivf_train: int = 32768
+    ivf_codes: str = "auto"  # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32"
 
 
 @dataclass

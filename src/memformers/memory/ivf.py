@@ -16,14 +16,18 @@ import numpy as np
 import torch
 
 from memformers.errors import MemformersError
+from memformers.memory.configs import IVF_CODES
 
 
 class IVFIndex:
     """faiss inverted lists over each stream's stored keys.
 
-    One ``IndexIVFFlat`` per stream, all sharing one coarse quantizer (k-means, spherical
-    for cosine) trained once on the first ``train`` keys ``collect`` is given; until then
-    the owner searches exactly. A query scans the ``nprobe`` nearest of ``nlist`` lists.
+    One inverted-file index per stream, all sharing one coarse quantizer (k-means,
+    spherical for cosine) trained once on the first ``train`` keys ``collect`` is given;
+    until then the owner searches exactly. A query scans the ``nprobe`` nearest of
+    ``nlist`` lists, scoring every key there: ``codes="fp16"`` keeps the keys as fp16 (an
+    ``IndexIVFScalarQuantizer``; the same recall as fp32 on recorded keys and faster, the
+    scan being memory-bound: BENCHMARKS.md), ``"fp32"`` as they are (``IndexIVFFlat``).
     faiss ids are the keys' positions in the stream (key p is the p-th key the stream
     stored since its reset), so FIFO eviction is an id range: searches skip ids below
     the oldest kept position (an ``IDSelectorRange``), and the evicted ids are removed from
@@ -33,7 +37,8 @@ class IVFIndex:
 
     EVICT_EVERY = 4096
 
-    def __init__(self, d: int, nlist: int, nprobe: int, train: int, cosine: bool = True):
+    def __init__(self, d: int, nlist: int, nprobe: int, train: int, cosine: bool = True,
+                 codes: str = "fp16"):
         try:
             import faiss
         except ImportError:
@@ -42,6 +47,10 @@ class IVFIndex:
         self.faiss, self.d = faiss, d
         self.nlist, self.nprobe, self.train = nlist, nprobe, train
         self.cosine = cosine
+        if codes not in IVF_CODES:
+            raise MemformersError(f"ivf_codes must be one of {', '.join(IVF_CODES)}, got "
+                                  f"'{codes}'")
+        self.codes = codes
         self.metric = faiss.METRIC_INNER_PRODUCT if self.cosine else faiss.METRIC_L2
         self.quantizer = None
         self.indexes: list = []
@@ -57,7 +66,12 @@ class IVFIndex:
         self.removed = [0] * batch_size
 
     def _new_index(self):
-        index = self.faiss.IndexIVFFlat(self.quantizer, self.d, self.nlist, self.metric)
+        f = self.faiss
+        if self.codes == "fp32":
+            index = f.IndexIVFFlat(self.quantizer, self.d, self.nlist, self.metric)
+        else:  # fp16 codes of the keys themselves (not of residuals): nothing to train
+            index = f.IndexIVFScalarQuantizer(self.quantizer, self.d, self.nlist,
+                                              f.ScalarQuantizer.QT_fp16, self.metric, False)
         index.is_trained = True  # the shared quantizer is
         return index
 

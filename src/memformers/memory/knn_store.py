@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from memformers.errors import MemformersError
-from memformers.memory.configs import KNNConfig
+from memformers.memory.configs import IVF_CODES, KNNConfig, ivf_codes_of
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                   "float32": torch.float32}
@@ -67,15 +67,17 @@ def knn_footprint_bytes(cfg: KNNConfig, n_heads: int, head_dim: int, batch_size:
     """Up-front estimate of the bytes all kNN memories of a model will hold.
 
     Ring storage is ``capacity * H * d * 2 (keys, values) * bytes`` per stream and
-    layer; the faiss backend also keeps an fp32 copy of every key inside its
-    indexes (plus graph links for HNSW).
+    layer; the ivf backend also keeps a copy of every key in its indexes
+    (``ivf_codes``) and an 8-byte id, the faiss backend an fp32 copy (plus graph links
+    for HNSW).
     """
     per_vec = 2 * head_dim * STORAGE_DTYPES[cfg.storage_dtype].itemsize
     if cfg.backend == "block":
         per_vec += 4 * head_dim / cfg.block_size  # one fp32 mean key per block
     if cfg.backend == "ivf" or cfg.backend == "auto" and cfg.capacity >= AUTO_IVF_CAPACITY:
-        per_vec += 4 * head_dim + 8  # faiss's fp32 copy of the key and its id (planned
-        # for "auto" whatever the device: an upper bound)
+        codes = ivf_codes_of(cfg.ivf_codes, cfg.storage_dtype)
+        per_vec += IVF_CODES[codes] * head_dim + 8  # faiss's copy of the key and
+        # its id (planned for "auto" whatever the device: an upper bound)
     if cfg.backend == "faiss":
         per_vec += 4 * head_dim
         if cfg.faiss_index == "hnsw":
@@ -657,7 +659,8 @@ class IVFSearch(SearchBackend):
         super().__init__(cfg, n_heads, head_dim)
         from memformers.memory.ivf import IVFIndex
 
-        self.ivf = [IVFIndex(head_dim, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.ivf_train)
+        self.ivf = [IVFIndex(head_dim, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.ivf_train,
+                             codes=ivf_codes_of(cfg.ivf_codes, cfg.storage_dtype))
                     for _ in range(n_heads)]
         self.exact = ExactSearch(cfg, n_heads, head_dim)
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from memformers.errors import MemformersError
-from memformers.memory.configs import KNNLMConfig
+from memformers.memory.configs import KNNLMConfig, ivf_codes_of
 from memformers.memory.ivf import IVFIndex, search_many
 from memformers.memory.knn_store import STORAGE_DTYPES
 from memformers.memory.knn_usage import KNNRetrievalStats
@@ -129,7 +129,9 @@ class KNNLM(StreamState, nn.Module):
         ivf = self.cfg.backend == "ivf" or (self.cfg.backend == "auto" and dev.type == "cpu")
         if ivf and self.ivf is None:  # kept across allocations: its quantizer is trained once
             self.ivf = IVFIndex(self.d_model, self.cfg.ivf_nlist, self.cfg.ivf_nprobe,
-                                self.cfg.ivf_train, cosine=self.cfg.similarity == "cosine")
+                                self.cfg.ivf_train, cosine=self.cfg.similarity == "cosine",
+                                codes=ivf_codes_of(self.cfg.ivf_codes,
+                                                   self.cfg.storage_dtype))
         elif not ivf:
             self.ivf = None
         if self.ivf is not None:
@@ -339,7 +341,7 @@ class KNNLM(StreamState, nn.Module):
         self.keys[b, slot] = keys[b, t].to(self.dtype)
         self.values[b, slot] = values[b, t]
         self.pos[b, slot] = pos[b, t]
-        self.sqnorm[b, slot] = keys[b, t].pow(2).sum(-1)
+        self.sqnorm[b, slot] = self.keys[b, slot].float().pow(2).sum(-1)  # of the stored key
         old, first = self.count, self.seen - 1  # the candidates' positions start at first
         self.count = self.count + n_new
         if self.ivf is not None:
