@@ -151,6 +151,9 @@ def bench_knn(args) -> dict:
     ivf, ivf_opts, _ = our_lm(["model.xl_cache=true", "model.knn.layers=[4]",
                                f"model.knn.capacity={cap}", "model.knn.backend=ivf",
                                *args.knn_set])
+    ivf32, ivf32_opts, _ = our_lm(["model.xl_cache=true", "model.knn.layers=[4]",
+                                   f"model.knn.capacity={cap}", "model.knn.backend=ivf",
+                                   "model.knn.ivf_codes='fp32'", *args.knn_set])
     xl, xl_opts, _ = our_lm(PRESETS["xl"])
     layer = cfg.model.knn.layers[0]
     tmp = tempfile.TemporaryDirectory(prefix="peers-knn-")
@@ -176,20 +179,23 @@ def bench_knn(args) -> dict:
     fill = {}
     store = ours.blocks[layer].attn.memory.store
     ivf_store = ivf.blocks[layer].attn.memory.store
+    ivf32_store = ivf32.blocks[layer].attn.memory.store
     g = torch.Generator().manual_seed(1)
     t = time.perf_counter()
     if args.fill == "direct":
         for _ in range(cap // L):
             k, v = random_kv(L, 8, 32, g)
-            for st in (store, ivf_store):
+            for st in (store, ivf_store, ivf32_store):
                 st.write(k, v, torch.ones(B, L, dtype=torch.bool))
     else:
         with torch.no_grad():
             for seq in batches(cap // L, 2):
                 ours(seq[:, :-1])
                 ivf(seq[:, :-1])
+                ivf32(seq[:, :-1])
         ours.detach_state()
         ivf.detach_state()
+        ivf32.detach_state()
     fill["ours_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.fill == "direct":
@@ -232,6 +238,7 @@ def bench_knn(args) -> dict:
     times = interleaved({
         "memformers xl+knn": lambda r: our_step(ours, ours_opts, data[r]),
         "memformers xl+knn ivf": lambda r: our_step(ivf, ivf_opts, data[r]),
+        "memformers xl+knn ivf, fp32 codes": lambda r: our_step(ivf32, ivf32_opts, data[r]),
         "memformers xl": lambda r: our_step(xl, xl_opts, data[r]),
         "memorizing-transformers-pytorch": their_step,
         "memorizing-transformers-pytorch, no kNN layer": plain_step,
@@ -242,6 +249,7 @@ def bench_knn(args) -> dict:
     res = {name: summary(ts, B * L) for name, ts in times.items()}
     res["memformers xl+knn"]["params"] = n_params(ours)
     res["memformers xl+knn ivf"]["params"] = n_params(ivf)
+    res["memformers xl+knn ivf, fp32 codes"]["params"] = n_params(ivf32)
     res["memformers xl"]["params"] = n_params(xl)
     res["memorizing-transformers-pytorch"]["params"] = n_params(theirs)
     res["memorizing-transformers-pytorch, no kNN layer"]["params"] = n_params(plain)
