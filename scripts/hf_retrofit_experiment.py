@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from retrofit_report import report  # noqa: E402
 
 from memformers.config import load_config  # noqa: E402
 from memformers.data.corpus import ensure_default_corpus  # noqa: E402
@@ -112,33 +115,12 @@ def main(argv=None) -> int:
                   False, warm_f)  # the model already has its memory
     control = run(args, "d-control", out / "a-pretrain" / "hf", F, args.finetune_lr, False,
                   warm_f)
-    gap = control["bpb"] - scratch["bpb"]
-    closed = (control["bpb"] - retro["bpb"]) / gap if gap > 0 else None
     rows = {"pretrained base (no memory, P steps)": base,
             "(b) retrofit: base + kNN, F steps": retro,
             "(c) kNN from scratch, P + F steps": scratch,
             "(d) control: no memory, P + F steps": control,
             "(c) after P steps": scratch_p}
-    result = {"P": P, "F": F, "finetune_fraction": F / P, "args": vars(args),
-              "bpb": {k: v["bpb"] for k, v in rows.items()},
-              "bpb_by_position": {k: {b: r["bpb"] for b, r in v["by_position"].items()}
-                                  for k, v in rows.items()},
-              "gap_bpb": gap, "gap_closed": closed,
-              "total_seconds": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    buckets = list(next(iter(rows.values()))["by_position"])
-    print(f"\nP = {P} pretraining steps, F = {F} fine-tuning steps ({F / P:.0%}); held-out "
-          f"bits/byte ({base['tokens']:,} tokens)")
-    print(f"{'model':<40}{'all':>8}" + "".join(f"{b:>10}" for b in buckets))
-    for k, v in rows.items():
-        print(f"{k:<40}{v['bpb']:>8.4f}" + "".join(
-            f"{v['by_position'].get(b, {}).get('bpb', float('nan')):>10.4f}" for b in buckets))
-    if closed is None:
-        print(f"gap closed: undefined -- memory from scratch did not beat the control "
-              f"(gap {gap:+.4f} bits/byte)")
-    else:
-        print(f"gap closed by the retrofit: {closed:.0%} (gap {gap:.4f} bits/byte)")
-    print(f"written {out / 'results.json'}")
+    report(out, args, P, F, rows, "bpb", "bits/byte", time.perf_counter() - t0)
     return 0
 
 

@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from retrofit_report import report  # noqa: E402
 
 from memformers.config import load_config  # noqa: E402
 from memformers.train.trainer import Trainer  # noqa: E402
@@ -98,32 +101,12 @@ def main(argv=None) -> int:
     scratch_p = run(args, "c-scratch-pretrain", None, P, args.lr, True, warm_p)
     scratch = run(args, "c-scratch", out / "c-scratch-pretrain" / "model.safetensors", F,
                   args.finetune_lr, True, warm_f)
-    gap = control["loss"] - scratch["loss"]
-    closed = (control["loss"] - retro["loss"]) / gap if gap > 0 else None
     rows = {"(a) pretrained base, no memory, P steps": base,
             "(b) retrofit: base + kNN, F steps": retro,
             "(c) kNN from scratch, P + F steps": scratch,
             "(d) control: no memory, P + F steps": control,
             "(c) after P steps": scratch_p}
-    result = {"P": P, "F": F, "finetune_fraction": F / P, "args": vars(args),
-              "loss": {k: v["loss"] for k, v in rows.items()},
-              "loss_by_position": {k: {b: r["loss"] for b, r in v["by_position"].items()}
-                                   for k, v in rows.items()},
-              "gap": gap, "gap_closed": closed, "total_seconds": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    buckets = list(base["by_position"])
-    print(f"\nP = {P} pretraining steps, F = {F} fine-tuning steps ({F / P:.0%}); held-out "
-          f"nats/token ({base['tokens']:,} tokens)")
-    print(f"{'model':<42}{'all':>8}" + "".join(f"{b:>10}" for b in buckets))
-    for k, v in rows.items():
-        print(f"{k:<42}{v['loss']:>8.4f}" + "".join(
-            f"{v['by_position'].get(b, {}).get('loss', float('nan')):>10.4f}" for b in buckets))
-    if closed is None:
-        print(f"gap closed: undefined -- memory from scratch did not beat the control "
-              f"(gap {gap:+.4f} nats/token)")
-    else:
-        print(f"gap closed by the retrofit: {closed:.0%} (gap {gap:.4f} nats/token)")
-    print(f"written {out / 'results.json'}")
+    report(out, args, P, F, rows, "loss", "nats/token", time.perf_counter() - t0)
     return 0
 
 
