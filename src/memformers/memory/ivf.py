@@ -38,7 +38,7 @@ class IVFIndex:
     EVICT_EVERY = 4096
 
     def __init__(self, d: int, nlist: int, nprobe: int, train: int, cosine: bool = True,
-                 codes: str = "fp16"):
+                 codes: str = "fp32"):
         try:
             import faiss
         except ImportError:
