@@ -26,7 +26,6 @@ GPU, bigger:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,12 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from retrofit_report import report  # noqa: E402
+from retrofit_common import report, train_stage  # noqa: E402
 
-from memformers.config import load_config  # noqa: E402
 from memformers.data.corpus import ensure_default_corpus  # noqa: E402
 from memformers.hf.configs import tiny_config, write_model_dir  # noqa: E402
-from memformers.train.trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,19 +74,8 @@ def run(args, name: str, hf_path: Path, steps: int, lr: float, memory: bool,
             f"train.device={args.device}"]
     if memory:
         sets += [f"model.knn.layers=[{layer}]", f"model.knn.capacity={args.capacity}"]
-    run_dir = Path(args.out) / name
-    if (run_dir / "eval.json").is_file():  # finished earlier: reuse
-        return json.loads((run_dir / "eval.json").read_text())
-    t0 = time.perf_counter()
-    trainer = Trainer(load_config(None, sets), run_dir, progress=args.progress)
-    print(f"[{name}] {trainer.describe()}", flush=True)
-    trainer.run()
-    ev = trainer.evaluate()
-    ev["train_seconds"] = time.perf_counter() - t0
-    (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
-    print(f"[{name}] {steps} steps, held-out {ev['bpb']:.4f} bits/byte "
-          f"({ev['train_seconds']:.0f} s)", flush=True)
-    return ev
+    return train_stage(Path(args.out) / name, None, sets, steps=steps, key="bpb",
+                       unit="bits/byte", progress=args.progress)
 
 
 def main(argv=None) -> int:

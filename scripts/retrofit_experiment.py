@@ -25,7 +25,6 @@ CPU (about 40 min on 2 cores):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,10 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from retrofit_report import report  # noqa: E402
-
-from memformers.config import load_config  # noqa: E402
-from memformers.train.trainer import Trainer  # noqa: E402
+from retrofit_common import report, train_stage  # noqa: E402
 
 # The demo's memory (configs/compare/cpu-small.toml, variant xl+knn), capacity aside.
 MEMORY = ["model.knn.layers=[2, 3]", "model.knn.normalize=[2]", "model.knn.combine='joint'",
@@ -72,19 +68,8 @@ def run(args, name: str, init: Path | None, steps: int, lr: float, memory: bool,
             "train.init_from=" + (f"'{init}'" if init else "''"), *args.set]
     if memory:
         sets += [*MEMORY, f"model.knn.capacity={args.capacity}"]
-    run_dir = Path(args.out) / name
-    if (run_dir / "eval.json").is_file():  # finished earlier: reuse
-        return json.loads((run_dir / "eval.json").read_text())
-    t0 = time.perf_counter()
-    trainer = Trainer(load_config(args.config, sets), run_dir, progress=args.progress)
-    print(f"[{name}] {trainer.describe()}", flush=True)
-    trainer.run()
-    ev = trainer.evaluate()
-    ev["train_seconds"] = time.perf_counter() - t0
-    (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
-    print(f"[{name}] {steps} steps, held-out {ev['loss']:.4f} nats/token "
-          f"({ev['train_seconds']:.0f} s)", flush=True)
-    return ev
+    return train_stage(Path(args.out) / name, args.config, sets, steps=steps, key="loss",
+                       unit="nats/token", progress=args.progress)
 
 
 def main(argv=None) -> int:

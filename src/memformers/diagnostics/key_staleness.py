@@ -45,26 +45,23 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _memories(runner: SegmentRunner, segments: list[Segment], layers, capture: bool):
     """Read ``segments[:-1]`` from a fresh state; return each layer's memory then, and (with
     ``capture``) the queries each layer searches with on the last segment."""
-    model = runner.model
-    device = next(model.parameters()).device
+    device = next(runner.model.parameters()).device
     queries: dict[str, torch.Tensor] = {}
-    hooks = []
-    if capture:  # the memory's forward gets the transformed q (B, H, L, d) first
-        for name, m in layers.items():
-            def grab(_module, args, name=name):
-                queries[name] = args[0].detach().float()
-            hooks.append(m.register_forward_pre_hook(grab))
-    try:
-        with runner.fresh_state(segments[0].tokens.shape[0], device):
-            held = {}
-            for i, _ in enumerate(runner.run(segments[:-1] if not capture else segments,
-                                             device)):
-                if i == len(segments) - 2:  # the memory the last segment will search
-                    held = {n: {k: t.clone() for k, t in m.store.state_tensors().items()}
-                            for n, m in layers.items()}
-    finally:
-        for h in hooks:
-            h.remove()
+    with runner.fresh_state(segments[0].tokens.shape[0], device):
+        for _ in runner.run(segments[:-1], device):
+            pass
+        held = {n: {k: t.clone() for k, t in m.store.state_tensors().items()}
+                for n, m in layers.items()}  # the memory the last segment searches
+        if capture:  # the memory's forward gets the transformed q (B, H, L, d) first
+            hooks = [m.register_forward_pre_hook(
+                lambda _m, args, name=name: queries.__setitem__(name, args[0].detach().float()))
+                for name, m in layers.items()]
+            try:
+                for _ in runner.run(segments[-1:], device):
+                    pass
+            finally:
+                for h in hooks:
+                    h.remove()
     return held, queries
 
 

@@ -113,7 +113,10 @@ class InfiniMemory(AttentionMemory):
         """Features of queries / keys (..., d_k) -> (..., F): sigma(x), or the learned map."""
         if self.cfg.feature == "elu":
             return sigma(x)
-        return sigma(x @ self.feature_proj.float() + self.feature_mlp.float()(x))
+        w1, w2 = self.feature_mlp[0], self.feature_mlp[2]
+        dt = x.dtype  # the memory's float32 math, whatever dtype the parameters are kept in
+        h = F.gelu(F.linear(x, w1.weight.to(dt), w1.bias.to(dt)))
+        return sigma(x @ self.feature_proj.to(dt) + F.linear(h, w2.weight.to(dt), w2.bias.to(dt)))
 
     def allocate(self, batch_size: int, device: torch.device | str) -> None:
         self.batch_size, self.device = batch_size, device

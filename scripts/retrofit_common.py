@@ -1,4 +1,5 @@
-"""The table and record shared by the two retrofit experiments (scripts/*retrofit_experiment.py).
+"""What the two retrofit experiments (scripts/*retrofit_experiment.py) share: training one
+stage with the memformers trainer, and the table and record of
 
     gap closed = (control - retrofit) / (control - scratch)
 """
@@ -6,7 +7,29 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+from memformers.config import load_config
+from memformers.train.trainer import Trainer
+
+
+def train_stage(run_dir: Path, config: str | None, sets: list[str], *, steps: int, key: str,
+                unit: str, progress: bool = False) -> dict:
+    """Train one stage (config file + ``sets``) in ``run_dir`` and return its held-out
+    evaluation; a stage that finished earlier (its eval.json exists) is reused."""
+    if (run_dir / "eval.json").is_file():
+        return json.loads((run_dir / "eval.json").read_text())
+    t0 = time.perf_counter()
+    trainer = Trainer(load_config(config, sets), run_dir, progress=progress)
+    print(f"[{run_dir.name}] {trainer.describe()}", flush=True)
+    trainer.run()
+    ev = trainer.evaluate()
+    ev["train_seconds"] = time.perf_counter() - t0
+    (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
+    print(f"[{run_dir.name}] {steps} steps, held-out {ev[key]:.4f} {unit} "
+          f"({ev['train_seconds']:.0f} s)", flush=True)
+    return ev
 
 
 def report(out: Path, args, P: int, F: int, rows: dict[str, dict], key: str, unit: str,
