@@ -41,10 +41,14 @@ from memformers.runner import SegmentRunner, segments_of
 from memformers.tasks.passkey import make_passkey_example
 
 
-def record_streams(model_name: str, tokens: torch.Tensor, capacity: int, segment_len: int):
+def record_streams(model_name: str, tokens: torch.Tensor, capacity: int, segment_len: int,
+                   backend: str = "exact"):
     """Feed (2, T) tokens; return {kind: (keys (S, C, d), queries (S, Q, d))} captured at
-    the first segment that finds the kNN ring full (and its kNN-LM features)."""
-    _, model = load_shipped_model(model_name, [f"model.knn.capacity={capacity}"])
+    the first segment that finds the kNN ring full (and its kNN-LM features). The kNN
+    layer's keys and queries do not depend on the ``backend`` the model searches with
+    while recording (they are computed before its retrieval); the final hidden states do."""
+    _, model = load_shipped_model(model_name, [f"model.knn.capacity={capacity}",
+                                               f"model.knn.backend={backend}"])
     memory = next(m for n, m in model.named_modules() if n.endswith("attn.memory"))
     store = memory.store
     captured = {}
@@ -133,8 +137,14 @@ def main() -> None:
     p.add_argument("--grid", nargs="+", default=[
         "ivf:256:16:16384", "ivf:1024:16:16384", "ivf:1024:32:16384", "ivf:1024:64:16384",
         "ivf:1024:32:65536", "ivf:4096:64:65536", "block:64:32:16", "block:64:32:1"],
-        help="ivf:NLIST:NPROBE:TRAIN or block:SIZE:PROBE:GROUP")
+        help="ivf:NLIST:NPROBE:TRAIN (0 = the default, e.g. ivf:0:64:0) or "
+             "block:SIZE:PROBE:GROUP")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--models", default="demo-base,passkey-knn",
+                   help="whose keys to record (demo-base also gives the kNN-LM datastore)")
+    p.add_argument("--record-backend", default="exact",
+                   help="search backend of the model while recording (ivf: faster for "
+                        "large capacities; changes only the kNN-LM datastore's keys)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -150,15 +160,20 @@ def main() -> None:
     docs = torch.stack([torch.as_tensor(split.doc(i)[:need].astype(np.int64)) for i in longest])
     tok = ByteTokenizer()
     rng = np.random.default_rng(0)
-    prompts = torch.stack([torch.as_tensor(make_passkey_example(tok, need, depth, rng).tokens)
-                           for depth in (0.2, 0.6)])
+    prompts = (torch.stack([torch.as_tensor(make_passkey_example(tok, need, depth, rng).tokens)
+                            for depth in (0.2, 0.6)])
+               if "passkey-knn" in args.models.split(",") else None)
     sets = {}
     for name, tokens in (("demo-base", docs), ("passkey-knn", prompts)):
-        rec = record_streams(name, tokens, args.capacity, args.segment_len)
+        if name not in args.models.split(","):
+            continue
+        rec = record_streams(name, tokens, args.capacity, args.segment_len,
+                             args.record_backend)
         sets[f"{name} kNN layer"] = rec["knn"]
         if name == "demo-base":
             sets["demo-base kNN-LM datastore"] = rec["knnlm"]
-    results = {"split": args.split, "capacity": args.capacity, "k": args.k,
+    results = {"corpus": args.corpus, "split": args.split, "capacity": args.capacity,
+               "k": args.k, "record_backend": args.record_backend,
                "threads": torch.get_num_threads(), "sets": {}}
     for name, (keys, queries) in sets.items():
         heads = 1 if "kNN-LM" in name else keys.shape[0] // 2  # two streams each

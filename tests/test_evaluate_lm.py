@@ -1,4 +1,4 @@
-"""evaluate/lm.py: per-document sums and the bootstrap over documents."""
+"""evaluate/lm.py: per-document sums, document selection, position buckets, the bootstrap."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from memformers.config import ModelConfig
 from memformers.data.corpus import CorpusSplit
-from memformers.evaluate.lm import bootstrap_change, evaluate_lm
+from memformers.evaluate.lm import bootstrap_change, bucket_start, eval_documents, evaluate_lm
 from memformers.model import MemformerLM
 
 
@@ -32,3 +32,24 @@ def test_bootstrap_change_is_exact_when_every_document_agrees():
     mixed = {"by_doc": {str(d): [(1.0 if d % 2 else 3.0) * (d + 1), d + 1] for d in range(8)}}
     c, lo, hi = bootstrap_change(base, mixed)
     assert lo < c < hi and lo < 0 < hi  # documents disagree: the interval spans 0
+
+
+def test_min_doc_tokens_and_buckets_pick_documents_and_positions(tiny_corpus):
+    split = CorpusSplit.open(tiny_corpus, "valid")
+    lengths = [split.doc_len(i) for i in range(split.n_docs)]
+    cut = sorted(lengths)[len(lengths) // 2]
+    long_docs = [i for i, n in enumerate(lengths) if n >= cut]
+    assert eval_documents(split, 0, cut) == long_docs
+    assert eval_documents(split, 1, cut) == long_docs[:1]
+    assert eval_documents(split, 0, 0) == list(range(split.n_docs))
+    torch.manual_seed(0)
+    model = MemformerLM(ModelConfig(n_layers=1, d_model=16, n_heads=2, head_dim=8, d_ff=32))
+    ev = evaluate_lm(model, split, np.ones(256), batch_size=2, segment_len=16,
+                     min_doc_tokens=cut, buckets=(0, 100, 1024), progress=False)
+    assert sorted(int(d) for d in ev["by_doc"]) == long_docs
+    assert list(ev["by_position"]) == ["0-100", "100-1K", "1K+"]
+    # a target token at position t (1 .. n - 1 of its document) counts in the bucket of t
+    expect = [sum(max(0, min(n, b) - max(1, a)) for n in (lengths[i] for i in long_docs))
+              for a, b in ((0, 100), (100, 1024), (1024, 1 << 40))]
+    assert [ev["by_position"][k]["tokens"] for k in ev["by_position"]] == expect
+    assert [bucket_start(k) for k in ev["by_position"]] == [0, 100, 1024]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memformers.config import ModelConfig
-from memformers.memory.configs import KNNConfig
+from memformers.memory.configs import KNNConfig, ivf_shape
 from memformers.memory.knn import KNNMemoryAttention
 from memformers.memory.knn_store import KNNStore, exact_topk, knn_footprint_bytes
 from memformers.model import MemformerLM, lm_loss
@@ -210,6 +210,19 @@ def test_ivf_recall_on_recorded_keys_stays_above_its_bound():
     recall = (found[1][..., :, None] == found[0][..., None, :]).any(-1).float().mean()
     assert all(ivf.ready for ivf in store.backend.ivf)
     assert recall >= 0.95, recall
+
+
+def test_ivf_lists_grow_as_the_square_root_of_capacity():
+    """ivf_nlist = 0: 4 sqrt(C) lists rounded to a power of two (never fewer than nprobe),
+    16 training keys per list; explicit settings are kept."""
+    shape = {c: ivf_shape(KNNConfig(capacity=c)) for c in (4096, 65536, 262144, 1 << 20)}
+    assert shape == {4096: (256, 4096), 65536: (1024, 16384), 262144: (2048, 32768),
+                     1 << 20: (4096, 65536)}
+    assert ivf_shape(KNNConfig(capacity=64)) == (64, 1024)  # nprobe 64 bounds it below
+    assert ivf_shape(KNNConfig(capacity=64, ivf_nlist=8, ivf_nprobe=4, ivf_train=9)) == (8, 9)
+    pytest.importorskip("faiss")
+    store = KNNStore(KNNConfig(capacity=262144, backend="ivf"), H, D)
+    assert {(ivf.nlist, ivf.train) for ivf in store.backend.ivf} == {(2048, 32768)}
 
 
 def test_auto_backend_is_ivf_for_large_memories_on_the_cpu():

@@ -35,6 +35,7 @@ from memformers.memory.configs import (
     KNNConfig,
     KNNLMConfig,
     PKMConfig,
+    ivf_shape,
 )
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ class DataConfig:
     eval_max_docs: int = 64  # held-out documents streamed per evaluation (0 = all)
     eval_max_tokens: int = 0  # stop evaluation after this many tokens (0 = no limit)
     eval_max_doc_tokens: int = 0  # score only the first N tokens of each document (0 = all)
+    eval_min_doc_tokens: int = 0  # evaluate only held-out documents at least this long
+    # where the loss-by-position buckets after the first (0-2K) start, in tokens
+    eval_buckets: list[int] = field(default_factory=lambda: [2048, 8192, 32768])
     min_doc_tokens: int = 1  # documents shorter than this are skipped
 
 
@@ -348,8 +352,14 @@ def validate(cfg: RunConfig) -> None:
     _check(m.pkm.sparse is not True or (t.parallel == "ddp" and not t.shard_pkm_values),
            "model.pkm.sparse=true cannot be combined with train.parallel='fsdp' or "
            "train.shard_pkm_values: FSDP2 has no sparse gradients")
-    _check(d.eval_max_docs >= 0 and d.eval_max_tokens >= 0 and d.eval_max_doc_tokens >= 0,
-           "data.eval_max_docs, eval_max_tokens and eval_max_doc_tokens must be >= 0")
+    _check(min(d.eval_max_docs, d.eval_max_tokens, d.eval_max_doc_tokens,
+               d.eval_min_doc_tokens) >= 0,
+           "data.eval_max_docs, eval_max_tokens, eval_max_doc_tokens and eval_min_doc_tokens "
+           "must be >= 0")
+    b = d.eval_buckets
+    _check(all(isinstance(x, int) and not isinstance(x, bool) for x in b)
+           and all(x < y for x, y in zip([0, *b], b)),
+           f"data.eval_buckets must be increasing positive token positions, got {b!r}")
     task = cfg.task
     _choice(task.name, ("lm", "passkey"), "task.name")
     for key in ("lengths", "eval_lengths"):
@@ -396,8 +406,10 @@ def validate(cfg: RunConfig) -> None:
     _check(isinstance(k.normalize, bool) or set(k.normalize) <= set(k.layers),
            f"model.knn.normalize lists layers {k.normalize} that are not kNN layers "
            f"(model.knn.layers {k.layers})")
-    _check(0 < k.ivf_nprobe <= k.ivf_nlist <= k.ivf_train,
-           "model.knn: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
+    nlist, train = ivf_shape(k)
+    _check(min(k.ivf_nlist, k.ivf_train) >= 0 and 0 < k.ivf_nprobe <= nlist <= train,
+           f"model.knn: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train (0 = auto), got "
+           f"{k.ivf_nprobe} / {nlist} / {train}")
     _choice(k.ivf_codes, ("auto", *IVF_CODES), "model.knn.ivf_codes")
     _check(k.block_size > 0 and k.block_probe > 0 and k.block_group > 0,
            "model.knn.block_size, block_probe and block_group must be positive")

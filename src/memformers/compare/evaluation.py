@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from memformers.compare.spec import EvalSpec
-from memformers.config import RunConfig, apply_overrides, config_from_dict, to_dict
+from memformers.config import DataConfig, RunConfig, apply_overrides, config_from_dict, to_dict
 from memformers.errors import MemformersError
+from memformers.evaluate.lm import eval_documents
 from memformers.tasks.sorting import train_eval_sorting
 
 
@@ -35,13 +36,14 @@ def measure_state_bytes(model, segment_len: int, device) -> int:
         return int(state_bytes_per_stream(model))
 
 
-def resolve_doc_index(split, spec: EvalSpec, n_docs: int) -> int:
-    """The held-out document for per-token losses (-1 = the longest evaluated)."""
-    if n_docs <= 0:
+def resolve_doc_index(split, spec: EvalSpec, docs: list[int]) -> int:
+    """The held-out document for per-token losses: the ``loss_diff_doc``-th of the evaluated
+    ``docs``, or the longest of them by default (-1 = none)."""
+    if not docs:
         return -1
     if spec.loss_diff_doc >= 0:
-        return spec.loss_diff_doc if spec.loss_diff_doc < n_docs else -1
-    return int(np.argmax([split.doc_len(i) for i in range(n_docs)]))
+        return docs[spec.loss_diff_doc] if spec.loss_diff_doc < len(docs) else -1
+    return docs[int(np.argmax([split.doc_len(i) for i in docs]))]
 
 
 def _lm_eval(model, split, token_bytes, cfg: RunConfig, max_docs: int, max_tokens: int,
@@ -52,6 +54,8 @@ def _lm_eval(model, split, token_bytes, cfg: RunConfig, max_docs: int, max_token
     ev = evaluate_lm(model, split, token_bytes, batch_size=cfg.data.batch_size,
                      segment_len=cfg.data.segment_len, max_docs=max_docs,
                      max_tokens=max_tokens, max_doc_tokens=cfg.data.eval_max_doc_tokens,
+                     min_doc_tokens=cfg.data.eval_min_doc_tokens,
+                     buckets=(0, *cfg.data.eval_buckets),
                      record_docs=(doc,) if doc >= 0 else (),
                      autocast=autocast, progress=progress)
     seconds = time.perf_counter() - start
@@ -134,11 +138,16 @@ def evaluate_model(get_model: Callable[[], Any], cfg: RunConfig, tokenizer, spec
     split = CorpusSplit.open(Path(cfg.data.corpus), split_name)
     max_docs = cfg.data.eval_max_docs if spec.max_docs < 0 else spec.max_docs
     max_tokens = cfg.data.eval_max_tokens if spec.max_tokens < 0 else spec.max_tokens
-    n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
-    doc = resolve_doc_index(split, spec, n_docs)
+    d = cfg.data
+    doc = resolve_doc_index(split, spec, eval_documents(split, max_docs, d.eval_min_doc_tokens))
     lm_key = {"split": split_name, "max_docs": max_docs, "max_tokens": max_tokens, "doc": doc}
-    if cfg.data.eval_max_doc_tokens:  # absent otherwise: earlier cached results stay valid
-        lm_key["max_doc_tokens"] = cfg.data.eval_max_doc_tokens
+    # each absent at its default, so that earlier cached results stay valid
+    if d.eval_max_doc_tokens:
+        lm_key["max_doc_tokens"] = d.eval_max_doc_tokens
+    if d.eval_min_doc_tokens:
+        lm_key["min_doc_tokens"] = d.eval_min_doc_tokens
+    if d.eval_buckets != DataConfig().eval_buckets:
+        lm_key["buckets"] = d.eval_buckets
 
     def lm_eval(model, c: RunConfig) -> dict:
         return _lm_eval(model, split, tokenizer.token_bytes, c, max_docs, max_tokens, doc,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memformers.evaluate.lm import bucket_names
+from memformers.evaluate.lm import bucket_start
 
 MISSING = "-"
 
@@ -65,8 +65,7 @@ def bucket_order(results: dict) -> list[str]:
         for name in _get(v, "eval", "by_position", default={}) or {}:
             if name not in present:
                 present.append(name)
-    order = bucket_names()
-    return sorted(present, key=lambda n: order.index(n) if n in order else len(order))
+    return sorted(present, key=bucket_start)
 
 
 def _passkey_mean(v: dict, length: int) -> float | None:

@@ -30,8 +30,21 @@ POSITION_BUCKETS = (0, 2048, 8192, 32768)
 
 def bucket_names(edges=POSITION_BUCKETS) -> list[str]:
     def k(n: int) -> str:
-        return f"{n // 1024}K" if n else "0"
+        return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
     return [f"{k(a)}-{k(b)}" for a, b in zip(edges, edges[1:])] + [f"{k(edges[-1])}+"]
+
+
+def bucket_start(name: str) -> int:
+    """The first position of a bucket named by ``bucket_names`` ("2K-8K" -> 2048)."""
+    first = name.split("-")[0].rstrip("+")
+    return int(first[:-1]) * 1024 if first.endswith("K") else int(first)
+
+
+def eval_documents(split, max_docs: int = 0, min_doc_tokens: int = 0) -> list[int]:
+    """The documents an evaluation streams: the first ``max_docs`` (0 = all) of those at
+    least ``min_doc_tokens`` long."""
+    docs = [i for i in range(split.n_docs) if split.doc_len(i) >= min_doc_tokens]
+    return docs[:max_docs] if max_docs else docs
 
 
 def _summary(nll: float, n_tok: int, n_bytes: int) -> dict:
@@ -43,7 +56,7 @@ def _summary(nll: float, n_tok: int, n_bytes: int) -> dict:
 @torch.no_grad()
 def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segment_len: int,
                 max_docs: int = 0, max_tokens: int = 0, max_doc_tokens: int = 0,
-                buckets=POSITION_BUCKETS,
+                min_doc_tokens: int = 0, buckets=POSITION_BUCKETS,
                 record_docs: tuple[int, ...] = (), autocast=None, progress: bool = True,
                 rank: int = 0, world_size: int = 1, doc_indices: list[int] | None = None
                 ) -> dict:
@@ -51,12 +64,13 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
 
     ``record_docs``: document indices whose per-token losses are returned
     (for per-token loss-difference plots; only documents of this rank's streams).
-    ``doc_indices``: the documents to stream (default: the first ``max_docs``, or all).
+    ``doc_indices``: the documents to stream (default: the first ``max_docs`` of those
+    at least ``min_doc_tokens`` long, or all of them). ``buckets``: the first position of
+    each position bucket, starting at 0.
     """
     device = next(model.parameters()).device
-    n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     if doc_indices is None:
-        doc_indices = list(range(n_docs))
+        doc_indices = eval_documents(split, max_docs, min_doc_tokens)
     n_docs = len(doc_indices)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
                               doc_indices=doc_indices, rank=rank,

@@ -6,6 +6,7 @@ an empty list switches it off. Validation lives in ``memformers.config``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 IVF_CODES = {"fp16": 2, "fp32": 4}  # how an IVF index stores its copy of a key: bytes/dim
@@ -18,6 +19,16 @@ def ivf_codes_of(codes: str, storage_dtype: str) -> str:
     if codes != "auto":
         return codes
     return "fp16" if storage_dtype == "float16" else "fp32"
+
+
+def ivf_shape(cfg: KNNConfig) -> tuple[int, int]:
+    """(lists, training keys) of the kNN memory's IVF backend. ``ivf_nlist = 0``: 4 sqrt(C)
+    rounded to a power of two (at least ``ivf_nprobe``), so that a query's work -- nlist
+    centroids, then nprobe lists of about C / nlist rows -- grows as sqrt(C), not C.
+    ``ivf_train = 0``: 16 keys per list (k-means needs a few per centroid)."""
+    nlist = cfg.ivf_nlist or max(cfg.ivf_nprobe, 1 << round(math.log2(4 * math.sqrt(
+        max(cfg.capacity, 1)))))
+    return nlist, cfg.ivf_train or 16 * nlist
 
 
 @dataclass
@@ -57,9 +68,11 @@ class KNNConfig:
     # block backend (knn_store.BlockSearch): blocks of block_size consecutive ring slots,
     # summarised by their mean key; each group of block_group queries searches the
     # block_probe blocks whose means score highest
-    ivf_nlist: int = 1024  # ivf backend: lists (k-means centroids) per head
+    # ivf backend: lists (k-means centroids) per head; 0 = auto (ivf_shape: 1,024 at the
+    # default 65,536 rows, 2,048 at 262,144, 4,096 at 1M: cost ~ sqrt(capacity))
+    ivf_nlist: int = 0
     ivf_nprobe: int = 64  # lists a query scans (recall@32 0.96-0.98 on recorded keys)
-    ivf_train: int = 16384  # keys per head the centroids are trained on, once
+    ivf_train: int = 0  # keys per head the centroids are trained on, once; 0 = 16 per list
     ivf_codes: str = "auto"  # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32"
     block_size: int = 64
     block_probe: int = 32

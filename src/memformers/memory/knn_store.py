@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from memformers.errors import MemformersError
-from memformers.memory.configs import IVF_CODES, KNNConfig, ivf_codes_of
+from memformers.memory.configs import IVF_CODES, KNNConfig, ivf_codes_of, ivf_shape
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                   "float32": torch.float32}
@@ -659,7 +659,8 @@ class IVFSearch(SearchBackend):
         super().__init__(cfg, n_heads, head_dim)
         from memformers.memory.ivf import IVFIndex
 
-        self.ivf = [IVFIndex(head_dim, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.ivf_train,
+        nlist, train = ivf_shape(cfg)
+        self.ivf = [IVFIndex(head_dim, nlist, cfg.ivf_nprobe, train,
                              codes=ivf_codes_of(cfg.ivf_codes, cfg.storage_dtype))
                     for _ in range(n_heads)]
         self.exact = ExactSearch(cfg, n_heads, head_dim)

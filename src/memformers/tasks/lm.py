@@ -69,7 +69,9 @@ class LMTask(Task):
         return evaluate_lm(runner.model, self.eval_split, self.token_bytes,
                            batch_size=d.batch_size, segment_len=d.segment_len,
                            max_docs=d.eval_max_docs, max_tokens=d.eval_max_tokens,
-                           max_doc_tokens=d.eval_max_doc_tokens, autocast=runner.autocast,
+                           max_doc_tokens=d.eval_max_doc_tokens,
+                           min_doc_tokens=d.eval_min_doc_tokens, buckets=(0, *d.eval_buckets),
+                           autocast=runner.autocast,
                            progress=progress, rank=self.rank, world_size=self.world_size,
                            **kw)
 
