@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=262144,
                     help="documents at least this long, scored up to it")
     ap.add_argument("--sizes", default="8192,65536,262144", help="memory sizes per stream")
-    ap.add_argument("--variants", default="base,knnlm,knn")
+    ap.add_argument("--variants", default="base,knnlm,knn",
+                    help="base, knnlm, knn (the kNN memory) and both (kNN memory + kNN-LM)")
     ap.add_argument("--buckets", default="2048,8192,32768,65536,131072")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -72,8 +73,8 @@ def main() -> None:
             if variant == "base":
                 runs.append(("base", []))
             for size in sizes if variant != "base" else []:
-                sets = ([f"model.knnlm.capacity={size}"] if variant == "knnlm"
-                        else [*KNN, f"model.knn.capacity={size}"])
+                knnlm, knn = [f"model.knnlm.capacity={size}"], [*KNN, f"model.knn.capacity={size}"]
+                sets = {"knnlm": knnlm, "knn": knn, "both": knn + knnlm}[variant]
                 runs.append((f"{variant}-{size}", sets))
         rows = results["corpora"][name] = {}
         for label, sets in runs:

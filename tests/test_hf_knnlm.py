@@ -110,6 +110,22 @@ def test_knnlm_log_probs_match_brute_force(arch):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_adaptive_retrieval_keeps_p_lm_where_the_model_is_sure():
+    base = tiny("gpt2")
+    doc, query = torch.randint(0, 256, (1, 70)), torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        p_max = torch.softmax(base(query).logits[0], -1).max(-1).values
+    v = p_max.flatten().sort().values
+    t = float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2  # halfway: no position on the edge
+    model = with_knnlm(base, retrieve_below=t)
+    memorize(model, doc, chunk_len=32)
+    got, full = model(query).logits[0], reference(base, doc, query, 32)
+    sure = p_max >= t
+    assert 0 < int(sure.sum()) < len(sure)
+    torch.testing.assert_close(got[~sure], full[~sure], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[sure], torch.log_softmax(base(query).logits[0][sure], -1))
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_generate_with_knnlm_equals_full_forwards(arch):
     base = tiny(arch)

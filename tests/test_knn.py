@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memformers.config import ModelConfig
-from memformers.memory.configs import KNNConfig, ivf_shape
+from memformers.memory.configs import KNNConfig, KNNLMConfig, ivf_shape
 from memformers.memory.knn import KNNMemoryAttention
 from memformers.memory.knn_store import KNNStore, exact_topk, knn_footprint_bytes
 from memformers.model import MemformerLM, lm_loss
@@ -220,6 +220,8 @@ def test_ivf_lists_grow_as_the_square_root_of_capacity():
                      1 << 20: (4096, 65536)}
     assert ivf_shape(KNNConfig(capacity=64)) == (64, 1024)  # nprobe 64 bounds it below
     assert ivf_shape(KNNConfig(capacity=64, ivf_nlist=8, ivf_nprobe=4, ivf_train=9)) == (8, 9)
+    assert ivf_shape(KNNLMConfig(capacity=65536)) == (1024, 32768)  # 32 keys per list
+    assert ivf_shape(KNNLMConfig(capacity=262144)) == (2048, 65536)
     pytest.importorskip("faiss")
     store = KNNStore(KNNConfig(capacity=262144, backend="ivf"), H, D)
     assert {(ivf.nlist, ivf.train) for ivf in store.backend.ivf} == {(2048, 32768)}

@@ -103,6 +103,30 @@ def test_ivf_with_fp16_codes_of_fp16_keys_equals_exact_search(similarity):
     assert torch.allclose(ivf, exact, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["exact", "ivf"])
+def test_adaptive_retrieval_searches_only_where_the_model_is_unsure(backend):
+    """retrieve_below t: a position whose largest p_LM is >= t keeps p_LM exactly; every
+    other position gets the brute-force reference's mixture (still over every stored
+    pair, confident positions' included)."""
+    torch.manual_seed(2)
+    B, T, seg = 2, 48, 8
+    h, tokens = torch.randn(B, T, D), torch.randint(0, V, (B, T))
+    logits = torch.randn(B, T, V) * 3  # a spread of confidences
+    common = dict(capacity=1000, top_k=4, temperature=0.3, lam=0.4, storage_dtype="float32",
+                  backend=backend, ivf_nlist=4, ivf_nprobe=4, ivf_train=16)
+    p_max = torch.softmax(logits, -1).max(-1).values
+    v = p_max.flatten().sort().values
+    t = float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2  # halfway: no position on the edge
+    got = run_head(KNNLM(KNNLMConfig(retrieve_below=t, **common), D), h, tokens, logits, seg)
+    sure = p_max >= t
+    assert 0 < int(sure.sum()) < B * T
+    assert torch.equal(got[sure], torch.log_softmax(logits, -1)[sure])
+    for b in range(B):
+        ref = reference(h[b], tokens[b], KNNLMConfig(**common), logits[b], seg)
+        unsure = ~sure[b]
+        assert torch.allclose(got[b][unsure].double(), ref[unsure], atol=1e-5)
+
+
 def test_never_retrieves_itself_or_later_positions():
     """Each position's key is a one-hot of its own index: any retrieval of itself or of a
     later position would show as a neighbour with similarity 1."""
@@ -284,10 +308,15 @@ def test_tune_scores_the_grid_exactly():
     log_lm = torch.log(torch.tensor([0.5, 0.25, 0.1]))
     sim = torch.tensor([[0.9, 0.1], [0.5, -math.inf], [-math.inf, -math.inf]])
     hit = torch.tensor([[True, False], [False, False], [False, False]])
-    rec = {"log_lm": log_lm, "sim": sim, "hit": hit}
+    log_max = torch.log(torch.tensor([0.6, 0.9, 0.3]))  # the largest p_LM of each position
+    rec = {"log_lm": log_lm, "log_max": log_max, "sim": sim, "hit": hit}
     w = torch.softmax(torch.tensor([0.9, 0.1]) / 0.5, 0)[0]
     expect = -(math.log(0.8 * 0.5 + 0.2 * w) + math.log(0.8 * 0.25) + math.log(0.1)) / 3
     assert abs(mixture_loss(rec, 0.2, 0.5) - expect) < 1e-6
-    r = tune(rec, lambdas=(0.0, 0.2), temperatures=(0.5,))
+    # retrieve_below 0.8: token 1 (max p 0.9) keeps p_LM
+    skip = -(math.log(0.8 * 0.5 + 0.2 * w) + math.log(0.25) + math.log(0.1)) / 3
+    assert abs(mixture_loss(rec, 0.2, 0.5, 0.8) - skip) < 1e-6
+    r = tune(rec, lambdas=(0.0, 0.2), temperatures=(0.5,), thresholds=(1.0, 0.8, 0.5))
     assert r["best"]["lam"] == 0.0  # the kNN hurts token 2 more than it helps token 1
     assert abs(r["base_loss"] - float(-log_lm.double().mean())) < 1e-9
+    assert [a["searched"] for a in r["adaptive"]] == [1.0, 2 / 3, 1 / 3]

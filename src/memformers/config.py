@@ -307,6 +307,13 @@ def config_hash(cfg: Any) -> str:
 # --------------------------------------------------------------------------- validation
 
 
+def _check_ivf(cfg: KNNConfig | KNNLMConfig, where: str) -> None:
+    nlist, train = ivf_shape(cfg)
+    _check(min(cfg.ivf_nlist, cfg.ivf_train) >= 0 and 0 < cfg.ivf_nprobe <= nlist <= train,
+           f"{where}: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train (0 = auto), got "
+           f"{cfg.ivf_nprobe} / {nlist} / {train}")
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise MemformersError(msg)
@@ -406,10 +413,7 @@ def validate(cfg: RunConfig) -> None:
     _check(isinstance(k.normalize, bool) or set(k.normalize) <= set(k.layers),
            f"model.knn.normalize lists layers {k.normalize} that are not kNN layers "
            f"(model.knn.layers {k.layers})")
-    nlist, train = ivf_shape(k)
-    _check(min(k.ivf_nlist, k.ivf_train) >= 0 and 0 < k.ivf_nprobe <= nlist <= train,
-           f"model.knn: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train (0 = auto), got "
-           f"{k.ivf_nprobe} / {nlist} / {train}")
+    _check_ivf(k, "model.knn")
     _choice(k.ivf_codes, ("auto", *IVF_CODES), "model.knn.ivf_codes")
     _check(k.block_size > 0 and k.block_probe > 0 and k.block_group > 0,
            "model.knn.block_size, block_probe and block_group must be positive")
@@ -436,8 +440,9 @@ def validate(cfg: RunConfig) -> None:
     _choice(n.key, ("final_norm", "ffn_input"), "model.knnlm.key")
     _choice(n.storage_dtype, ("float16", "bfloat16", "float32"), "model.knnlm.storage_dtype")
     _choice(n.backend, ("auto", "exact", "ivf"), "model.knnlm.backend")
-    _check(0 < n.ivf_nprobe <= n.ivf_nlist and n.ivf_train >= n.ivf_nlist,
-           "model.knnlm: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train")
+    _check_ivf(n, "model.knnlm")
+    _check(0 < n.retrieve_below <= 1,
+           f"model.knnlm.retrieve_below must be in (0, 1], got {n.retrieve_below}")
     _choice(n.ivf_codes, ("auto", *IVF_CODES), "model.knnlm.ivf_codes")
     _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model needs no "
                                            "training: use memformers.hf.add_memory(model, "

@@ -9,6 +9,9 @@ again:
     loss(lambda, T) = mean_t -log((1 - lambda) p_LM(x_t)
                                   + lambda sum_i softmax(s_i / T) [v_i = x_t])
 
+Adaptive retrieval (``retrieve_below``: search only where max p_LM is below a threshold)
+is scored from the same records: a position that does not search keeps p_LM.
+
 Tune on the valid split, report on test.
 """
 
@@ -23,13 +26,15 @@ from memformers.runner import SegmentRunner
 
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 TEMPERATURES = (0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1, 0.2)
+RETRIEVE_BELOW = (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 
 
 @torch.no_grad()
 def record_neighbours(model, split, *, batch_size: int, segment_len: int, max_docs: int = 0,
                       max_tokens: int = 0, max_doc_tokens: int = 0, progress: bool = True
                       ) -> dict[str, torch.Tensor]:
-    """{"log_lm": (N,), "sim": (N, k), "hit": (N, k) bool} over the split's scored tokens."""
+    """{"log_lm": (N,), "log_max": (N,), "sim": (N, k), "hit": (N, k) bool} over the split's
+    scored tokens (log_max: the log of the largest p_LM)."""
     head = model.knnlm
     if head is None:
         raise MemformersError("knnlm-tune needs a kNN-LM: --set model.knnlm.capacity=N")
@@ -37,7 +42,7 @@ def record_neighbours(model, split, *, batch_size: int, segment_len: int, max_do
     n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
                               doc_indices=list(range(n_docs)), max_doc_tokens=max_doc_tokens)
-    out: dict[str, list] = {"log_lm": [], "sim": [], "hit": []}
+    out: dict[str, list] = {"log_lm": [], "log_max": [], "sim": [], "hit": []}
     total = streams.tokens_per_epoch if not max_tokens else min(max_tokens,
                                                                   streams.tokens_per_epoch)
     bar = tqdm(total=total, desc="knnlm-tune", unit="tok", disable=not progress, leave=False)
@@ -56,6 +61,7 @@ def record_neighbours(model, split, *, batch_size: int, segment_len: int, max_do
             valid = targets != -100
             tgt = targets.clamp(min=0)
             out["log_lm"].append(log_lm.gather(2, tgt[..., None])[..., 0][valid].cpu())
+            out["log_max"].append(log_lm.max(-1).values[valid].cpu())
             out["sim"].append(sim[valid].cpu())
             out["hit"].append((values == tgt[..., None])[valid].cpu())
             n = int(valid.sum())
@@ -67,10 +73,11 @@ def record_neighbours(model, split, *, batch_size: int, segment_len: int, max_do
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def mixture_loss(rec: dict[str, torch.Tensor], lam: float, temperature: float) -> float:
+def mixture_loss(rec: dict[str, torch.Tensor], lam: float, temperature: float,
+                 retrieve_below: float = 1.0) -> float:
     """Mean -log of the mixture's probability of the targets (nats per token)."""
     sim = rec["sim"].double()
-    found = torch.isfinite(sim).any(-1)
+    found = torch.isfinite(sim).any(-1) & searches(rec, retrieve_below)
     w = torch.softmax(sim.masked_fill(~found[:, None], 0.0) / temperature, -1)
     p_knn = (w * rec["hit"]).nan_to_num(0.0).sum(-1)
     p_lm = rec["log_lm"].double().exp()
@@ -78,14 +85,26 @@ def mixture_loss(rec: dict[str, torch.Tensor], lam: float, temperature: float) -
     return float(-p.log().mean())
 
 
-def tune(rec: dict[str, torch.Tensor], lambdas=LAMBDAS, temperatures=TEMPERATURES) -> dict:
-    """The grid's losses and its best (lambda, temperature)."""
+def searches(rec: dict[str, torch.Tensor], retrieve_below: float) -> torch.Tensor:
+    """(N,) bool: the positions that search under ``retrieve_below`` (KNNLM.asks)."""
+    if retrieve_below >= 1.0:
+        return torch.ones_like(rec["log_max"], dtype=torch.bool)
+    return rec["log_max"].exp() < retrieve_below
+
+
+def tune(rec: dict[str, torch.Tensor], lambdas=LAMBDAS, temperatures=TEMPERATURES,
+         thresholds=RETRIEVE_BELOW) -> dict:
+    """The grid's losses and its best (lambda, temperature); then, at that pair, the loss
+    and the share of positions that search for each adaptive-retrieval threshold."""
     base = float(-rec["log_lm"].double().mean())
     grid = [{"lam": lam, "temperature": t, "loss": mixture_loss(rec, lam, t)}
             for lam in lambdas for t in temperatures]
     best = min(grid, key=lambda r: r["loss"])
+    adaptive = [{"retrieve_below": x, "searched": float(searches(rec, x).double().mean()),
+                 "loss": mixture_loss(rec, best["lam"], best["temperature"], x)}
+                for x in thresholds]
     return {"tokens": int(rec["log_lm"].numel()), "base_loss": base, "best": best,
-            "gain": 1 - best["loss"] / base, "grid": grid}
+            "gain": 1 - best["loss"] / base, "grid": grid, "adaptive": adaptive}
 
 
 def format_tune(result: dict) -> str:
@@ -101,6 +120,11 @@ def format_tune(result: dict) -> str:
         lines.append(f"| {lam:g} | " + " | ".join(f"{x:.4f}" for x in row) + " |")
     lines.append(f"use: --set model.knnlm.lam={b['lam']} --set "
                  f"model.knnlm.temperature={b['temperature']}")
+    lines.append("| retrieve_below | positions searched | loss | vs searching everywhere |")
+    lines.append("|---:|---:|---:|---:|")
+    for r in result.get("adaptive", []):
+        lines.append(f"| {r['retrieve_below']:g} | {r['searched']:.1%} | {r['loss']:.4f} | "
+                     f"{r['loss'] / b['loss'] - 1:+.2%} |")
     return "\n".join(lines)
 
 

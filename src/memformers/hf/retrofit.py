@@ -310,7 +310,7 @@ class HFKNNLM(KNNLM):
         h = args[0]
         if self.cfg.lam > 0 and self.count.numel() and bool(self.retrievable().any()):
             self._check_rows(h.shape[0], h.device)
-            mixed = self.mix(logits, *self.datastore_neighbours(h))
+            mixed = self.mix(logits, *self.datastore_neighbours(h, self.asks(logits)))
             out = torch.where(self.retrievable()[:, None, None], mixed, logits.float())
         if self._control.write:
             self._write_chunk()

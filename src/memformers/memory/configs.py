@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 IVF_CODES = {"fp16": 2, "fp32": 4}  # how an IVF index stores its copy of a key: bytes/dim
+# ivf_train = 0: keys per IVF list the centroids train on (the settings measured at 65,536
+# rows: 16,384 keys per kNN head, 32,768 per kNN-LM stream, for 1,024 lists)
+IVF_TRAIN_PER_LIST = {"KNNConfig": 16, "KNNLMConfig": 32}
 
 
 def ivf_codes_of(codes: str, storage_dtype: str) -> str:
@@ -21,14 +24,15 @@ def ivf_codes_of(codes: str, storage_dtype: str) -> str:
     return "fp16" if storage_dtype == "float16" else "fp32"
 
 
-def ivf_shape(cfg: KNNConfig) -> tuple[int, int]:
-    """(lists, training keys) of the kNN memory's IVF backend. ``ivf_nlist = 0``: 4 sqrt(C)
-    rounded to a power of two (at least ``ivf_nprobe``), so that a query's work -- nlist
-    centroids, then nprobe lists of about C / nlist rows -- grows as sqrt(C), not C.
-    ``ivf_train = 0``: 16 keys per list (k-means needs a few per centroid)."""
+def ivf_shape(cfg: KNNConfig | KNNLMConfig) -> tuple[int, int]:
+    """(lists, training keys) of an IVF backend over ``cfg.capacity`` rows per stream.
+    ``ivf_nlist = 0``: 4 sqrt(C) rounded to a power of two (at least ``ivf_nprobe``), so
+    that a query's work -- nlist centroids, then nprobe lists of about C / nlist rows --
+    grows as sqrt(C), not C. ``ivf_train = 0``: ``IVF_TRAIN_PER_LIST`` keys per list
+    (k-means needs a few per centroid)."""
     nlist = cfg.ivf_nlist or max(cfg.ivf_nprobe, 1 << round(math.log2(4 * math.sqrt(
         max(cfg.capacity, 1)))))
-    return nlist, cfg.ivf_train or 16 * nlist
+    return nlist, cfg.ivf_train or IVF_TRAIN_PER_LIST[type(cfg).__name__] * nlist
 
 
 @dataclass
@@ -94,6 +98,10 @@ class KNNLMConfig:
     lam: float = 0.4  # lambda: the kNN distribution's weight in the mixture
     similarity: str = "cosine"  # "cosine" (normalised keys) | "l2" (-squared distance)
     key: str = "final_norm"  # "final_norm" | "ffn_input" (the last FFN's normalised input)
+    # adaptive retrieval (He et al. 2021, with the model's own confidence as the rule):
+    # search only at positions whose largest p_LM is below this; elsewhere p = p_LM.
+    # 1.0 = search everywhere
+    retrieve_below: float = 1.0
     min_distance: int = 0  # leave out the last N positions (e.g. segment + XL cache)
     storage_dtype: str = "float16"  # keys: "float16" | "bfloat16" | "float32"
     search_chunk: int = 16384  # stored rows scored at a time (bounds scratch memory)
@@ -103,9 +111,9 @@ class KNNLMConfig:
     # are always scored exactly. At 65K entries on CPU ivf is 5x faster than exact, with
     # recall@64 0.92 and +0.25% held-out loss (docs/knnlm.md).
     backend: str = "auto"
-    ivf_nlist: int = 1024
+    ivf_nlist: int = 0  # 0 = auto (ivf_shape): 1,024 at 65,536 entries, 2,048 at 262,144
     ivf_nprobe: int = 8
-    ivf_train: int = 32768
+    ivf_train: int = 0  # 0 = 32 keys per list (32,768 at 65,536 entries)
     ivf_codes: str = "auto"  # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32"
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from memformers.errors import MemformersError
-from memformers.memory.configs import KNNLMConfig, ivf_codes_of
+from memformers.memory.configs import KNNLMConfig, ivf_codes_of, ivf_shape
 from memformers.memory.ivf import IVFIndex, search_many
 from memformers.memory.knn_store import STORAGE_DTYPES
 from memformers.memory.knn_usage import KNNRetrievalStats
@@ -128,8 +128,9 @@ class KNNLM(StreamState, nn.Module):
         self.pending = torch.zeros(B, dtype=torch.bool, device=dev)
         ivf = self.cfg.backend == "ivf" or (self.cfg.backend == "auto" and dev.type == "cpu")
         if ivf and self.ivf is None:  # kept across allocations: its quantizer is trained once
-            self.ivf = IVFIndex(self.d_model, self.cfg.ivf_nlist, self.cfg.ivf_nprobe,
-                                self.cfg.ivf_train, cosine=self.cfg.similarity == "cosine",
+            nlist, train = ivf_shape(self.cfg)
+            self.ivf = IVFIndex(self.d_model, nlist, self.cfg.ivf_nprobe, train,
+                                cosine=self.cfg.similarity == "cosine",
                                 codes=ivf_codes_of(self.cfg.ivf_codes,
                                                    self.cfg.storage_dtype))
         elif not ivf:
@@ -214,11 +215,12 @@ class KNNLM(StreamState, nn.Module):
 
     @torch.no_grad()
     def neighbours(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                   sorted: bool = True, coarse: tuple | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   sorted: bool = True, coarse: tuple | None = None,
+                   ask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The top_k pairs each position may retrieve: (similarity (B, L, k) fp32, -inf where
         missing; next tokens (B, L, k) int64), best first if ``sorted``. Reads the state
-        only. ``coarse``: ``_coarse(h)``, the IVF lists of the segment's keys, if known."""
+        only. ``coarse``: ``_coarse(h)``, the IVF lists of the segment's keys, if known.
+        ``ask`` (B, L) bool: the positions that search (the others get none; default all)."""
         cfg = self.cfg
         B, L = tokens.shape
         q = self._keys(h)  # (B, L, D)
@@ -226,7 +228,9 @@ class KNNLM(StreamState, nn.Module):
         qs = q * scale
         limit = self.seen[:, None] + torch.arange(L, device=q.device) - 1 - cfg.min_distance
         k = min(cfg.top_k, cfg.capacity + L)
-        s1, v1 = self._ring_neighbours(q, qs, limit, k, sorted=False, coarse=coarse)
+        if ask is not None:  # a position that does not ask may retrieve nothing
+            limit = limit.masked_fill(~ask, -1)
+        s1, v1 = self._ring_neighbours(q, qs, limit, k, sorted=False, coarse=coarse, ask=ask)
         ck, cv, cok, cpos = self._candidates(q, tokens, mask)
         s2, i2 = masked_topk(qs, ck, self._bias(ck), cok, cpos, limit, k, cfg.search_chunk,
                              sorted=False)
@@ -238,7 +242,8 @@ class KNNLM(StreamState, nn.Module):
         return s, v
 
     @torch.no_grad()
-    def datastore_neighbours(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def datastore_neighbours(self, h: torch.Tensor, ask: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top_k stored pairs of each query h (B, L, D), from the ring ONLY: never the
         query's own segment, never the pending key (its next token is unknown), and no
         ``min_distance``: a read of a fixed datastore (Khandelwal et al. 2020, eq. 2), as
@@ -247,16 +252,20 @@ class KNNLM(StreamState, nn.Module):
         q = self._keys(h)
         qs = q * (1.0 if self.cfg.similarity == "cosine" else 2.0)
         limit = self.seen[:, None].expand(B, L)  # every stored pair (positions < seen - 1)
-        s, v = self._ring_neighbours(q, qs, limit, min(self.cfg.top_k, self.cfg.capacity))
+        if ask is not None:
+            limit = limit.masked_fill(~ask, -1)
+        s, v = self._ring_neighbours(q, qs, limit, min(self.cfg.top_k, self.cfg.capacity),
+                                     ask=ask)
         if self.cfg.similarity == "l2":
             s = s - q.pow(2).sum(-1, keepdim=True)
         return s, v
 
-    def _ring_neighbours(self, q, qs, limit, k, sorted: bool = True, coarse=None):
+    def _ring_neighbours(self, q, qs, limit, k, sorted: bool = True, coarse=None, ask=None):
         """The ring's top-k for queries q (B, L, D) (scaled: qs) with positions <= limit
-        (B, L): (scores (B, L, k), next tokens (B, L, k)); faiss once its index is trained."""
+        (B, L): (scores (B, L, k), next tokens (B, L, k)); faiss once its index is trained,
+        searching only the positions ``ask`` (B, L) marks, if given."""
         if self.ivf is not None and self.ivf.ready:
-            return self._ivf_neighbours(q, qs, limit, k, sorted, coarse)
+            return self._ivf_neighbours(q, qs, limit, k, sorted, coarse, ask)
         B, L, _ = q.shape
         C = self.keys.shape[1]
         ring_ok = torch.arange(C, device=q.device)[None, :] < self.filled[:, None]
@@ -265,19 +274,26 @@ class KNNLM(StreamState, nn.Module):
                            sorted)
         return s, self.values.gather(1, i.clamp(min=0).flatten(1)).view(B, L, k)
 
-    def _ivf_neighbours(self, q, qs, limit, k, sorted: bool = True, coarse=None):
+    def _ivf_neighbours(self, q, qs, limit, k, sorted: bool = True, coarse=None, ask=None):
         """The ring's top-k through faiss: its pairs every query may use (positions <= the
-        segment's smallest limit) from the index, the few more recent ones exactly."""
+        segment's smallest limit) from the index, the few more recent ones exactly. Only
+        the positions ``ask`` marks are given to faiss (the others find nothing there)."""
         B, L, _ = q.shape
         C = self.cfg.capacity
-        sims, vals = [], []
-        found = search_many([(self.ivf, b, q[b].cpu().numpy(), max(0, int(self.count[b]) - C),
-                              None if coarse is None else (coarse[0][b, 1:], coarse[1][b, 1:]))
+        rows = [torch.arange(L) if ask is None else ask[b].nonzero()[:, 0].cpu()
+                for b in range(B)]  # the positions that search, per stream
+        found = search_many([(self.ivf, b, q[b, rows[b]].cpu().numpy(),
+                              max(0, int(self.count[b]) - C),
+                              None if coarse is None else (coarse[0][b, 1:][rows[b]],
+                                                           coarse[1][b, 1:][rows[b]]))
                              for b in range(B)], k)
+        sims, vals = [], []
         for b in range(B):
-            lim0 = int(limit[b].min())
+            lim0 = int(limit[b][rows[b]].min()) if len(rows[b]) else -1
             n = int(self.count[b])
-            s, ids = (torch.from_numpy(x).to(q.device) for x in found[b])
+            s = torch.full((L, k), float("-inf"), device=q.device)
+            ids = torch.full((L, k), -1, dtype=torch.long, device=q.device)
+            s[rows[b]], ids[rows[b]] = (torch.from_numpy(x).to(q.device) for x in found[b])
             if not self.ivf.cosine:  # the exact path's scale: 2qk - |k|^2 = -dist^2 + |q|^2
                 s = s + q[b].pow(2).sum(-1, keepdim=True)
             if n - 1 > lim0:  # pairs too recent for some queries (min_distance): exact
@@ -296,6 +312,14 @@ class KNNLM(StreamState, nn.Module):
             sims.append(s)
             vals.append(self.values[b, ids.clamp(min=0) % C])
         return torch.stack(sims), torch.stack(vals)
+
+    def asks(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) bool: the positions that search, those whose largest p_LM is below
+        ``retrieve_below`` (adaptive retrieval); None = every position."""
+        if self.cfg.retrieve_below >= 1.0:
+            return None
+        top = logits.float().max(-1).values  # max p = exp(top logit - logsumexp)
+        return (top - torch.logsumexp(logits.float(), -1)).exp() < self.cfg.retrieve_below
 
     def mix(self, logits: torch.Tensor, sim: torch.Tensor, values: torch.Tensor,
             lam: float | None = None, temperature: float | None = None) -> torch.Tensor:
@@ -377,7 +401,7 @@ class KNNLM(StreamState, nn.Module):
                 coarse = self._coarse(h)
                 # best first only where the retrieval statistics look at the top-1
                 return coarse, *self.neighbours(h, tokens, mask, sorted=self.retrieval.enabled,
-                                                coarse=coarse)
+                                                coarse=coarse, ask=self.asks(logits))
 
             coarse, sim, values = remember(self, read)
             if self.retrieval.enabled and not replaying():
