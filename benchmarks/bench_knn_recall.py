@@ -19,6 +19,9 @@ queries (methods interleaved in every repeat).
         --out benchmarks/results/knn_recall_valid.json
     python benchmarks/bench_knn_recall.py --split test --grid ivf:1024:32:16384 \
         --out benchmarks/results/knn_recall_test.json
+    # larger memories on long documents (scripts/long_memory_eval.py builds the corpus)
+    python benchmarks/bench_knn_recall.py --corpus runs/long-memory/corpus-perl --split test \
+        --capacity 262144 --models demo-base --record-backend ivf --grid ivf:0:64:0
 """
 
 from __future__ import annotations
