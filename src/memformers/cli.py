@@ -281,7 +281,8 @@ def cmd_knnlm_tune(args) -> int:
     split = CorpusSplit.open(Path(d.corpus), args.split)
     rec = record_neighbours(model, split, batch_size=d.batch_size, segment_len=d.segment_len,
                             max_docs=args.max_docs, max_tokens=args.max_tokens,
-                            max_doc_tokens=d.eval_max_doc_tokens, progress=not args.no_progress)
+                            max_doc_tokens=d.eval_max_doc_tokens,
+                            min_doc_tokens=d.eval_min_doc_tokens, progress=not args.no_progress)
     result = {"split": args.split, "settings": overrides, **tune(rec)}
     print(format_tune(result))
     out = Path(args.out) if args.out else (

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from memformers.data.streaming import DocumentStreams
 from memformers.errors import MemformersError
+from memformers.evaluate.lm import eval_documents
 from memformers.runner import SegmentRunner
 
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -31,17 +32,17 @@ RETRIEVE_BELOW = (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 
 @torch.no_grad()
 def record_neighbours(model, split, *, batch_size: int, segment_len: int, max_docs: int = 0,
-                      max_tokens: int = 0, max_doc_tokens: int = 0, progress: bool = True
-                      ) -> dict[str, torch.Tensor]:
+                      max_tokens: int = 0, max_doc_tokens: int = 0, min_doc_tokens: int = 0,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
     """{"log_lm": (N,), "log_max": (N,), "sim": (N, k), "hit": (N, k) bool} over the split's
     scored tokens (log_max: the log of the largest p_LM)."""
     head = model.knnlm
     if head is None:
         raise MemformersError("knnlm-tune needs a kNN-LM: --set model.knnlm.capacity=N")
     device = next(model.parameters()).device
-    n_docs = split.n_docs if not max_docs else min(max_docs, split.n_docs)
     streams = DocumentStreams(split, batch_size, segment_len, shuffle=False, loop=False,
-                              doc_indices=list(range(n_docs)), max_doc_tokens=max_doc_tokens)
+                              doc_indices=eval_documents(split, max_docs, min_doc_tokens),
+                              max_doc_tokens=max_doc_tokens)
     out: dict[str, list] = {"log_lm": [], "log_max": [], "sim": [], "hit": []}
     total = streams.tokens_per_epoch if not max_tokens else min(max_tokens,
                                                                   streams.tokens_per_epoch)
