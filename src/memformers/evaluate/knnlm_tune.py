@@ -23,6 +23,7 @@ from tqdm import tqdm
 from memformers.data.streaming import DocumentStreams
 from memformers.errors import MemformersError
 from memformers.evaluate.lm import eval_documents
+from memformers.memory.knnlm import searching
 from memformers.runner import SegmentRunner
 
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -88,9 +89,8 @@ def mixture_loss(rec: dict[str, torch.Tensor], lam: float, temperature: float,
 
 def searches(rec: dict[str, torch.Tensor], retrieve_below: float) -> torch.Tensor:
     """(N,) bool: the positions that search under ``retrieve_below`` (KNNLM.asks)."""
-    if retrieve_below >= 1.0:
-        return torch.ones_like(rec["log_max"], dtype=torch.bool)
-    return rec["log_max"].exp() < retrieve_below
+    ask = searching(rec["log_max"], retrieve_below)
+    return torch.ones_like(rec["log_max"], dtype=torch.bool) if ask is None else ask
 
 
 def tune(rec: dict[str, torch.Tensor], lambdas=LAMBDAS, temperatures=TEMPERATURES,

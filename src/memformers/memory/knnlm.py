@@ -42,6 +42,15 @@ from memformers.memory.knn_usage import KNNRetrievalStats
 from memformers.memory.state import StreamState, remember, replaying
 
 
+def searching(log_max: torch.Tensor, retrieve_below: float) -> torch.Tensor | None:
+    """Adaptive retrieval's rule: the positions that search are those whose largest p_LM
+    (``log_max``: its log, any shape) is below ``retrieve_below``; -> bool of that shape,
+    or None when every position searches (``retrieve_below`` = 1)."""
+    if retrieve_below >= 1.0:
+        return None
+    return log_max.exp() < retrieve_below
+
+
 def masked_topk(
     q: torch.Tensor,  # (B, L, D) fp32 queries
     keys: torch.Tensor,  # (B, N, D) candidate keys, any float dtype
@@ -226,10 +235,8 @@ class KNNLM(StreamState, nn.Module):
         q = self._keys(h)  # (B, L, D)
         scale = 1.0 if cfg.similarity == "cosine" else 2.0  # -|q-k|^2 = 2qk - |k|^2 - |q|^2
         qs = q * scale
-        limit = self.seen[:, None] + torch.arange(L, device=q.device) - 1 - cfg.min_distance
+        limit = self._limit(torch.arange(L, device=q.device) - 1 - cfg.min_distance, ask)
         k = min(cfg.top_k, cfg.capacity + L)
-        if ask is not None:  # a position that does not ask may retrieve nothing
-            limit = limit.masked_fill(~ask, -1)
         s1, v1 = self._ring_neighbours(q, qs, limit, k, sorted=False, coarse=coarse, ask=ask)
         ck, cv, cok, cpos = self._candidates(q, tokens, mask)
         s2, i2 = masked_topk(qs, ck, self._bias(ck), cok, cpos, limit, k, cfg.search_chunk,
@@ -251,14 +258,18 @@ class KNNLM(StreamState, nn.Module):
         B, L, _ = h.shape
         q = self._keys(h)
         qs = q * (1.0 if self.cfg.similarity == "cosine" else 2.0)
-        limit = self.seen[:, None].expand(B, L)  # every stored pair (positions < seen - 1)
-        if ask is not None:
-            limit = limit.masked_fill(~ask, -1)
+        limit = self._limit(torch.zeros(L, dtype=torch.long, device=q.device), ask)  # all
         s, v = self._ring_neighbours(q, qs, limit, min(self.cfg.top_k, self.cfg.capacity),
                                      ask=ask)
         if self.cfg.similarity == "l2":
             s = s - q.pow(2).sum(-1, keepdim=True)
         return s, v
+
+    def _limit(self, offset: torch.Tensor, ask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) int64: the latest position query t may retrieve, ``seen + offset[t]``;
+        -1 (nothing) where ``ask`` (B, L) is False."""
+        limit = self.seen[:, None] + offset  # (B, L)
+        return limit if ask is None else limit.masked_fill(~ask, -1)
 
     def _ring_neighbours(self, q, qs, limit, k, sorted: bool = True, coarse=None, ask=None):
         """The ring's top-k for queries q (B, L, D) (scaled: qs) with positions <= limit
@@ -280,20 +291,25 @@ class KNNLM(StreamState, nn.Module):
         the positions ``ask`` marks are given to faiss (the others find nothing there)."""
         B, L, _ = q.shape
         C = self.cfg.capacity
-        rows = [torch.arange(L) if ask is None else ask[b].nonzero()[:, 0].cpu()
+        every = slice(None)  # (no copies when every position searches)
+        rows = [every if ask is None else ask[b].nonzero()[:, 0].cpu().numpy()
                 for b in range(B)]  # the positions that search, per stream
-        found = search_many([(self.ivf, b, q[b, rows[b]].cpu().numpy(),
+        found = search_many([(self.ivf, b, q[b].cpu().numpy()[rows[b]],
                               max(0, int(self.count[b]) - C),
                               None if coarse is None else (coarse[0][b, 1:][rows[b]],
                                                            coarse[1][b, 1:][rows[b]]))
                              for b in range(B)], k)
         sims, vals = [], []
         for b in range(B):
-            lim0 = int(limit[b][rows[b]].min()) if len(rows[b]) else -1
+            s, ids = (torch.from_numpy(x).to(q.device) for x in found[b])
+            if rows[b] is not every:  # the positions that do not search find nothing
+                s = s.new_full((L, k), float("-inf")).index_copy_(
+                    0, torch.from_numpy(rows[b]).to(q.device), s)
+                ids = ids.new_full((L, k), -1).index_copy_(
+                    0, torch.from_numpy(rows[b]).to(q.device), ids)
+            mine = limit[b] if ask is None else limit[b][ask[b]]  # the searchers' limits
+            lim0 = int(mine.min()) if len(mine) else -1
             n = int(self.count[b])
-            s = torch.full((L, k), float("-inf"), device=q.device)
-            ids = torch.full((L, k), -1, dtype=torch.long, device=q.device)
-            s[rows[b]], ids[rows[b]] = (torch.from_numpy(x).to(q.device) for x in found[b])
             if not self.ivf.cosine:  # the exact path's scale: 2qk - |k|^2 = -dist^2 + |q|^2
                 s = s + q[b].pow(2).sum(-1, keepdim=True)
             if n - 1 > lim0:  # pairs too recent for some queries (min_distance): exact
@@ -316,10 +332,10 @@ class KNNLM(StreamState, nn.Module):
     def asks(self, logits: torch.Tensor) -> torch.Tensor | None:
         """(B, L) bool: the positions that search, those whose largest p_LM is below
         ``retrieve_below`` (adaptive retrieval); None = every position."""
-        if self.cfg.retrieve_below >= 1.0:
+        if self.cfg.retrieve_below >= 1.0:  # (spares the log-softmax)
             return None
-        top = logits.float().max(-1).values  # max p = exp(top logit - logsumexp)
-        return (top - torch.logsumexp(logits.float(), -1)).exp() < self.cfg.retrieve_below
+        return searching(torch.log_softmax(logits.float(), -1).max(-1).values,
+                         self.cfg.retrieve_below)
 
     def mix(self, logits: torch.Tensor, sim: torch.Tensor, values: torch.Tensor,
             lam: float | None = None, temperature: float | None = None) -> torch.Tensor:
