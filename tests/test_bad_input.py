@@ -41,6 +41,10 @@ def snapshot(run: Path) -> dict:
     ("model.knnlm.key='middle'", "model.knnlm.key' must be one of"),
     ("model.knnlm.backend='hnsw'", "model.knnlm.backend' must be one of"),
     ("model.knnlm.ivf_nprobe=0", "ivf_nprobe"),
+    ("model.knnlm.ivf_codes='pq8'", "ivf_codes"),
+    ("model.knnlm.ivf_rescore=-1", "ivf_rescore"),
+    ("model.knn.ivf_codes='pq4' model.head_dim=12", "divisible by 8"),
+    ("model.knnlm.ivf_codes='pq4' model.knnlm.ivf_train=8", "ivf_train must be >= 16"),
     ("model.knn.ivf_nlist=16", "ivf_nprobe <= ivf_nlist"),
     ("model.knn.block_size=0", "block_size, block_probe and block_group must be positive"),
     ("task.name='sorting'", "task.name' must be one of"),
@@ -79,7 +83,7 @@ def snapshot(run: Path) -> dict:
 def test_bad_settings_are_one_line_and_write_nothing(capsys, tiny_corpus, tmp_path, setting,
                                                      needle):
     run = tmp_path / "run"
-    code = main(tiny_train(tiny_corpus, run, setting))
+    code = main(tiny_train(tiny_corpus, run, *setting.split(" ")))  # one or more settings
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not run.exists()

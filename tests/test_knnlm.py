@@ -71,6 +71,13 @@ def run_head(head, h, tokens, logits, seg):
     KNNLMConfig(capacity=12, top_k=4, lam=0.3, min_distance=3, similarity="l2",
                 backend="ivf", ivf_nlist=2, ivf_nprobe=2, ivf_train=8,
                 storage_dtype="float32"),
+    # product codes short-list every stored pair, rescored exactly from the ring: exact
+    # (fp32 ring: faiss's by-index kernel; fp16 ring: torch)
+    KNNLMConfig(capacity=25, top_k=5, lam=0.3, backend="ivf", ivf_nlist=4, ivf_nprobe=4,
+                ivf_train=16, ivf_codes="pq4", ivf_rescore=64, storage_dtype="float32"),
+    KNNLMConfig(capacity=12, top_k=4, lam=0.3, min_distance=3, similarity="l2",
+                backend="ivf", ivf_nlist=2, ivf_nprobe=2, ivf_train=16, ivf_codes="pq4",
+                ivf_rescore=64),
 ])
 @pytest.mark.parametrize("seg", [1, 6, 64])
 def test_head_equals_brute_force(cfg, seg):

@@ -307,11 +307,19 @@ def config_hash(cfg: Any) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_ivf(cfg: KNNConfig | KNNLMConfig, where: str) -> None:
+def _check_ivf(cfg: KNNConfig | KNNLMConfig, where: str, key_dim: int) -> None:
     nlist, train = ivf_shape(cfg)
     _check(min(cfg.ivf_nlist, cfg.ivf_train) >= 0 and 0 < cfg.ivf_nprobe <= nlist <= train,
            f"{where}: need 0 < ivf_nprobe <= ivf_nlist <= ivf_train (0 = auto), got "
            f"{cfg.ivf_nprobe} / {nlist} / {train}")
+    _choice(cfg.ivf_codes, ("auto", *IVF_CODES), f"{where}.ivf_codes")
+    _check(cfg.ivf_codes != "pq4" or key_dim % 8 == 0,
+           f"{where}.ivf_codes 'pq4' needs keys of a size divisible by 8, got {key_dim}")
+    _check(cfg.ivf_codes != "pq4" or train >= 16,
+           f"{where}.ivf_codes 'pq4' trains 16 codes per sub-vector: ivf_train must be >= "
+           f"16, got {train}")
+    _check(cfg.ivf_rescore >= 0, f"{where}.ivf_rescore must be >= 0 (0 = top_k), got "
+                                 f"{cfg.ivf_rescore}")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -413,8 +421,7 @@ def validate(cfg: RunConfig) -> None:
     _check(isinstance(k.normalize, bool) or set(k.normalize) <= set(k.layers),
            f"model.knn.normalize lists layers {k.normalize} that are not kNN layers "
            f"(model.knn.layers {k.layers})")
-    _check_ivf(k, "model.knn")
-    _choice(k.ivf_codes, ("auto", *IVF_CODES), "model.knn.ivf_codes")
+    _check_ivf(k, "model.knn", m.head_dim)
     _check(k.block_size > 0 and k.block_probe > 0 and k.block_group > 0,
            "model.knn.block_size, block_probe and block_group must be positive")
     _check(k.backend != "block" or k.capacity % k.block_size == 0,
@@ -440,10 +447,9 @@ def validate(cfg: RunConfig) -> None:
     _choice(n.key, ("final_norm", "ffn_input"), "model.knnlm.key")
     _choice(n.storage_dtype, ("float16", "bfloat16", "float32"), "model.knnlm.storage_dtype")
     _choice(n.backend, ("auto", "exact", "ivf"), "model.knnlm.backend")
-    _check_ivf(n, "model.knnlm")
+    _check_ivf(n, "model.knnlm", m.d_model)
     _check(0 < n.retrieve_below <= 1,
            f"model.knnlm.retrieve_below must be in (0, 1], got {n.retrieve_below}")
-    _choice(n.ivf_codes, ("auto", *IVF_CODES), "model.knnlm.ivf_codes")
     _check(not (m.hf_path and n.capacity), "model.knnlm on a Hugging Face model needs no "
                                            "training: use memformers.hf.add_memory(model, "
                                            "kind='knnlm'), then memorize / ask")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-IVF_CODES = {"fp16": 2, "fp32": 4}  # how an IVF index stores its copy of a key: bytes/dim
+# how an IVF index stores its copy of a key, in bytes per dim: as fp16 or fp32 values, or
+# "pq4": 4-bit product-quantised codes (d/4 sub-vectors of 4 dims, 16 centroids each,
+# faiss's fast-scan IVFPQ) that only rank the candidates, rescored exactly from the ring
+IVF_CODES = {"fp16": 2, "fp32": 4, "pq4": 0.125}
 # ivf_train = 0: keys per IVF list the centroids train on (the settings measured at 65,536
 # rows: 16,384 keys per kNN head, 32,768 per kNN-LM stream, for 1,024 lists)
 IVF_TRAIN_PER_LIST = {"KNNConfig": 16, "KNNLMConfig": 32}
@@ -77,7 +80,9 @@ class KNNConfig:
     ivf_nlist: int = 0
     ivf_nprobe: int = 64  # lists a query scans (recall@32 0.96-0.98 on recorded keys)
     ivf_train: int = 0  # keys per head the centroids are trained on, once; 0 = 16 per list
-    ivf_codes: str = "auto"  # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32"
+    # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32" | "pq4" (IVF_CODES)
+    ivf_codes: str = "auto"
+    ivf_rescore: int = 0  # pq4: candidates per query rescored exactly (0 = top_k)
     block_size: int = 64
     block_probe: int = 32
     block_group: int = 16
@@ -114,7 +119,9 @@ class KNNLMConfig:
     ivf_nlist: int = 0  # 0 = auto (ivf_shape): 1,024 at 65,536 entries, 2,048 at 262,144
     ivf_nprobe: int = 8
     ivf_train: int = 0  # 0 = 32 keys per list (32,768 at 65,536 entries)
-    ivf_codes: str = "auto"  # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32"
+    # the index's copy of a key: "auto" (as stored) | "fp16" | "fp32" | "pq4" (IVF_CODES)
+    ivf_codes: str = "auto"
+    ivf_rescore: int = 0  # pq4: candidates per query rescored exactly (0 = top_k)
 
 
 @dataclass

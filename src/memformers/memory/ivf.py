@@ -28,6 +28,12 @@ class IVFIndex:
     ``nlist`` lists, scoring every key there: ``codes="fp16"`` keeps the keys as fp16 (an
     ``IndexIVFScalarQuantizer``; the same recall as fp32 on recorded keys and faster, the
     scan being memory-bound: BENCHMARKS.md), ``"fp32"`` as they are (``IndexIVFFlat``).
+    ``"pq4"`` keeps 4-bit product codes (``IndexIVFPQFastScan``, d/8 bytes a key: a
+    sixteenth of fp16; its sub-quantizers train with the coarse one) that only choose
+    the ``max(k, rescore)`` candidates of a query; those are then scored exactly from the
+    owner's ring (``search(ring=...)``, ``rescore_exactly``), so every returned score is
+    the exact search's and only the candidate set is approximate (Jegou et al. 2011's
+    re-ranking of an IVFADC short-list).
     faiss ids are the keys' positions in the stream (key p is the p-th key the stream
     stored since its reset), so FIFO eviction is an id range: searches skip ids below
     the oldest kept position (an ``IDSelectorRange``), and the evicted ids are removed from
@@ -38,7 +44,7 @@ class IVFIndex:
     EVICT_EVERY = 4096
 
     def __init__(self, d: int, nlist: int, nprobe: int, train: int, cosine: bool = True,
-                 codes: str = "fp32"):
+                 codes: str = "fp32", rescore: int = 0):
         try:
             import faiss
         except ImportError:
@@ -50,7 +56,10 @@ class IVFIndex:
         if codes not in IVF_CODES:
             raise MemformersError(f"ivf_codes must be one of {', '.join(IVF_CODES)}, got "
                                   f"'{codes}'")
-        self.codes = codes
+        if codes == "pq4" and d % 8:
+            raise MemformersError(f"ivf_codes 'pq4' needs a key size divisible by 8, got {d}")
+        self.codes, self.rescore = codes, rescore
+        self.pq_template = None  # pq4: an empty index with trained product codes
         self.metric = faiss.METRIC_INNER_PRODUCT if self.cosine else faiss.METRIC_L2
         self.quantizer = None
         self.indexes: list = []
@@ -67,6 +76,8 @@ class IVFIndex:
 
     def _new_index(self):
         f = self.faiss
+        if self.codes == "pq4":
+            return f.clone_index(self.pq_template)
         if self.codes == "fp32":
             index = f.IndexIVFFlat(self.quantizer, self.d, self.nlist, self.metric)
         else:  # fp16 codes of the keys themselves (not of residuals): nothing to train
@@ -87,6 +98,14 @@ class IVFIndex:
         flat = self.faiss.IndexFlatIP if self.cosine else self.faiss.IndexFlatL2
         self.quantizer = flat(self.d)
         self.quantizer.add(np.ascontiguousarray(km.centroids))
+        if self.codes == "pq4":  # d/4 sub-vectors of 4 dims, 16 centroids each (4 bits)
+            # ranked by L2 to the code whatever the similarity (for unit keys the order of
+            # the inner product; faiss's fast-scan inner product can drop a list's last key)
+            pq = self.faiss.IndexIVFPQFastScan(self.quantizer, self.d, self.nlist, self.d // 4,
+                                               4, self.faiss.METRIC_L2, 32)
+            pq.by_residual = False  # codes of the keys themselves, as the other codes
+            pq.train(data)  # (the coarse quantizer is trained: only the codes are)
+            self.pq_template = pq
         self.seen = []
         self.allocate(len(self.indexes))
         return True
@@ -148,11 +167,20 @@ class IVFIndex:
         _side_by_side(lambda job: self.add(*job), jobs, self.faiss)
 
     def search(self, b: int, q: np.ndarray, k: int, keep_from: int,
-               coarse: tuple[np.ndarray, np.ndarray] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               coarse: tuple[np.ndarray, np.ndarray] | None = None,
+               ring: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stream b's top-k among ids >= ``keep_from``: (similarity (L, k): q.k for cosine,
-        -|q - k|^2 for l2, -inf where missing; positions (L, k), -1 where missing).
-        ``coarse``: the queries' lists from ``assign``, if already known."""
+        -|q - k|^2 for l2, -inf where missing; positions (L, k), -1 where missing), best
+        first. ``coarse``: the queries' lists from ``assign``, if already known. ``ring``
+        (C, d): the stream's stored keys, key p in row p mod C (needed by "pq4")."""
+        if self.codes == "pq4":
+            if ring is None:
+                raise MemformersError("ivf_codes 'pq4' rescores from the ring: pass ring=")
+            found = self._search(b, q, max(k, self.rescore), keep_from, coarse)[1]
+            return rescore_exactly(q, found, ring, self.cosine, k)
+        return self._search(b, q, k, keep_from, coarse)
+
+    def _search(self, b, q, k, keep_from, coarse):
         params = self.faiss.SearchParametersIVF(nprobe=self.nprobe)
         if keep_from > self.removed[b]:  # evicted ids still in the lists: skip them
             sel = self.faiss.IDSelectorRange(keep_from, 1 << 62)
@@ -169,6 +197,32 @@ class IVFIndex:
                                                  sp(ids), False, params)
         sim = dist if self.cosine else -dist
         return np.where(ids < 0, -np.inf, sim).astype(np.float32), ids
+
+
+def rescore_exactly(q: np.ndarray, ids: np.ndarray, ring: torch.Tensor, cosine: bool, k: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each query's candidates ``ids`` (L, n) (positions, -1 = none), scored
+    exactly against the ring (C, d) (key p in row p mod C): q.k (cosine) or -|q - k|^2;
+    -> (similarity (L, k) fp32 best first, -inf where missing; positions (L, k))."""
+    L, n = ids.shape
+    slots = np.where(ids < 0, 0, ids % ring.shape[0])
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if ring.dtype == torch.float32 and ring.device.type == "cpu" and ring.is_contiguous():
+        import faiss  # its by-index kernels read the rows in place (and free the GIL)
+
+        sim, sp = np.empty((L, n), dtype=np.float32), faiss.swig_ptr
+        by_idx = faiss.fvec_inner_products_by_idx if cosine else faiss.fvec_L2sqr_by_idx
+        by_idx(sp(sim), sp(q), sp(ring.numpy()), sp(np.ascontiguousarray(slots)), q.shape[1],
+               L, n)
+        if not cosine:
+            sim = -sim
+    else:  # other precisions: gathered and scored in fp32 by torch
+        keys = ring[torch.from_numpy(slots).to(ring.device)].float().cpu()  # (L, n, d)
+        qt = torch.from_numpy(q)[:, None]  # (L, 1, d)
+        sim = ((keys * qt).sum(-1) if cosine else -(keys - qt).pow(2).sum(-1)).numpy()
+    sim = np.where(ids < 0, -np.inf, sim).astype(np.float32)
+    best = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sim, best, 1), np.take_along_axis(ids, best, 1)
 
 
 _POOL: list = [None, 0]  # one thread pool for faiss calls, reused: (executor, threads)
@@ -190,12 +244,12 @@ def _side_by_side(fn: Callable, items: list, faiss) -> list:
     return list(_POOL[0].map(fn, items))
 
 
-def search_many(jobs: list[tuple[IVFIndex, int, np.ndarray, int, tuple | None]], k: int
+def search_many(jobs: list[tuple[IVFIndex, int, np.ndarray, int, tuple | None,
+                                 torch.Tensor | None]], k: int
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``index.search(b, q, k, keep_from, coarse)`` for each job ``(index, b, q, keep_from,
-    coarse)``, as
-    ``torch.get_num_threads()`` concurrent one-thread faiss searches (a job's queries are
-    split into parts when there are fewer jobs than threads).
+    """``index.search(b, q, k, keep_from, coarse, ring)`` for each job ``(index, b, q,
+    keep_from, coarse, ring)``, as ``torch.get_num_threads()`` concurrent one-thread faiss
+    searches (a job's queries are split into parts when there are fewer jobs than threads).
 
     Measured on 2 cores (2 streams x 256 queries, 65,536 keys, IVF 1024/8): faiss's own
     OpenMP over the queries of one search at a time takes 44 ms per step next to torch,
@@ -203,15 +257,15 @@ def search_many(jobs: list[tuple[IVFIndex, int, np.ndarray, int, tuple | None]],
     otherwise (BENCHMARKS.md, kNN-LM speed)."""
     n = max(1, torch.get_num_threads())
     if n == 1 or not jobs:
-        return [index.search(b, q, k, keep, coarse) for index, b, q, keep, coarse in jobs]
+        return [index.search(b, q, k, *more) for index, b, q, *more in jobs]
     parts = max(1, -(-n // len(jobs)))  # query chunks per job
     tasks = []
-    for j, (index, b, q, keep, coarse) in enumerate(jobs):
+    for j, (index, b, q, keep, coarse, ring) in enumerate(jobs):
         for rows in np.array_split(np.arange(len(q)), max(1, min(parts, len(q)))):
             if len(rows):
                 part = None if coarse is None else (coarse[0][rows], coarse[1][rows])
-                tasks.append((j, index, b, q[rows], keep, part))
-    found = _side_by_side(lambda t: t[1].search(t[2], t[3], k, t[4], t[5]), tasks,
+                tasks.append((j, index, b, q[rows], keep, part, ring))
+    found = _side_by_side(lambda t: t[1].search(t[2], t[3], k, *t[4:]), tasks,
                           jobs[0][0].faiss)
     out = []
     for j in range(len(jobs)):

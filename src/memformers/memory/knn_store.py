@@ -661,7 +661,8 @@ class IVFSearch(SearchBackend):
 
         nlist, train = ivf_shape(cfg)
         self.ivf = [IVFIndex(head_dim, nlist, cfg.ivf_nprobe, train,
-                             codes=ivf_codes_of(cfg.ivf_codes, cfg.storage_dtype))
+                             codes=ivf_codes_of(cfg.ivf_codes, cfg.storage_dtype),
+                             rescore=cfg.ivf_rescore)
                     for _ in range(n_heads)]
         self.exact = ExactSearch(cfg, n_heads, head_dim)
 
@@ -700,7 +701,8 @@ class IVFSearch(SearchBackend):
         q = queries.cpu().numpy()
         out_s, out_i = torch.empty(S, Q, k), torch.empty(S, Q, k, dtype=torch.long)
         found = search_many([(self.ivf[s % H], s // H, q[s],
-                              max(0, int(store.count[s // H]) - C), None) for s in range(S)], k)
+                              max(0, int(store.count[s // H]) - C), None,
+                              store.keys[s // H, s % H]) for s in range(S)], k)
         for s, (sim, ids) in enumerate(found):
             out_s[s], ids = torch.from_numpy(sim), torch.from_numpy(ids)
             out_i[s] = torch.where(ids < 0, ids, ids % C)

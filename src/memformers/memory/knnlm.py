@@ -141,7 +141,8 @@ class KNNLM(StreamState, nn.Module):
             self.ivf = IVFIndex(self.d_model, nlist, self.cfg.ivf_nprobe, train,
                                 cosine=self.cfg.similarity == "cosine",
                                 codes=ivf_codes_of(self.cfg.ivf_codes,
-                                                   self.cfg.storage_dtype))
+                                                   self.cfg.storage_dtype),
+                                rescore=self.cfg.ivf_rescore)
         elif not ivf:
             self.ivf = None
         if self.ivf is not None:
@@ -297,8 +298,8 @@ class KNNLM(StreamState, nn.Module):
         found = search_many([(self.ivf, b, q[b].cpu().numpy()[rows[b]],
                               max(0, int(self.count[b]) - C),
                               None if coarse is None else (coarse[0][b, 1:][rows[b]],
-                                                           coarse[1][b, 1:][rows[b]]))
-                             for b in range(B)], k)
+                                                           coarse[1][b, 1:][rows[b]]),
+                              self.keys[b]) for b in range(B)], k)
         sims, vals = [], []
         for b in range(B):
             s, ids = (torch.from_numpy(x).to(q.device) for x in found[b])
