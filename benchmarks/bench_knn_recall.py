@@ -19,6 +19,10 @@ queries (methods interleaved in every repeat).
         --out benchmarks/results/knn_recall_valid.json
     python benchmarks/bench_knn_recall.py --split test --grid ivf:1024:32:16384 \
         --out benchmarks/results/knn_recall_test.json
+    # 4-bit product codes, short-lists of 128 / 256 rescored exactly
+    python benchmarks/bench_knn_recall.py --split test --record-backend ivf \
+        --grid ivf:0:64:0 ivf:0:64:0:pq4:128 ivf:0:64:0:pq4:256 \
+        --out benchmarks/results/knn_recall_pq4_test.json
     # larger memories on long documents (scripts/long_memory_eval.py builds the corpus)
     python benchmarks/bench_knn_recall.py --corpus runs/long-memory/corpus-perl --split test \
         --capacity 262144 --models demo-base --record-backend ivf --grid ivf:0:64:0
@@ -98,13 +102,16 @@ def store_of(keys: torch.Tensor, cfg: KNNConfig, heads: int) -> KNNStore:
 
 def config_of(method: str, C: int, k: int) -> KNNConfig:
     kind, *v = method.split(":")
-    if kind == "ivf":
+    if kind == "ivf":  # [:CODES[:RESCORE]]: ivf_codes (e.g. pq4) and its short-list
         return KNNConfig(capacity=C, top_k=k, backend="ivf", ivf_nlist=int(v[0]),
-                         ivf_nprobe=int(v[1]), ivf_train=int(v[2]))
+                         ivf_nprobe=int(v[1]), ivf_train=int(v[2]),
+                         ivf_codes=v[3] if len(v) > 3 else "auto",
+                         ivf_rescore=int(v[4]) if len(v) > 4 else 0)
     if kind == "block":
         return KNNConfig(capacity=C, top_k=k, backend="block", block_size=int(v[0]),
                          block_probe=int(v[1]), block_group=int(v[2]))
-    raise SystemExit(f"unknown method {method}: ivf:NLIST:NPROBE:TRAIN or block:SIZE:PROBE:GROUP")
+    raise SystemExit(f"unknown method {method}: ivf:NLIST:NPROBE:TRAIN[:CODES[:RESCORE]] or "
+                     f"block:SIZE:PROBE:GROUP")
 
 
 def measure(keys, queries, grid, k: int, repeats: int, heads: int) -> list[dict]:
@@ -140,8 +147,8 @@ def main() -> None:
     p.add_argument("--grid", nargs="+", default=[
         "ivf:256:16:16384", "ivf:1024:16:16384", "ivf:1024:32:16384", "ivf:1024:64:16384",
         "ivf:1024:32:65536", "ivf:4096:64:65536", "block:64:32:16", "block:64:32:1"],
-        help="ivf:NLIST:NPROBE:TRAIN (0 = the default, e.g. ivf:0:64:0) or "
-             "block:SIZE:PROBE:GROUP")
+        help="ivf:NLIST:NPROBE:TRAIN[:CODES[:RESCORE]] (0 = the default, e.g. ivf:0:64:0; "
+             "ivf:0:64:0:pq4:256) or block:SIZE:PROBE:GROUP")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--models", default="demo-base,passkey-knn",
                    help="whose keys to record (demo-base also gives the kNN-LM datastore)")

@@ -35,12 +35,16 @@ B, H = 2, 8
 
 
 def make_store(method: str, capacity: int, d: int, k: int, block: int, device: str) -> KNNStore:
-    """``method``: exact | ring-ivf (the ivf backend, its defaults) | flat | hnsw | ivf |
+    """``method``: exact | ring-ivf (the ivf backend, its defaults) | ring-ivf:CODES[:RESCORE]
+    (its ``ivf_codes`` and ``ivf_rescore``, e.g. ring-ivf:pq4:128) | flat | hnsw | ivf |
     ivf:NPROBE (the faiss block backend; default nprobe 8)."""
     if method == "exact":
         cfg = KNNConfig(capacity=capacity, top_k=k, backend="exact")
-    elif method == "ring-ivf":
-        cfg = KNNConfig(capacity=capacity, top_k=k, backend="ivf")
+    elif method.startswith("ring-ivf"):
+        parts = method.split(":")[1:]
+        codes, rescore = (parts + ["auto", "0"][len(parts):])[:2]
+        cfg = KNNConfig(capacity=capacity, top_k=k, backend="ivf", ivf_codes=codes,
+                        ivf_rescore=int(rescore))
     else:
         index, _, nprobe = method.partition(":")
         cfg = KNNConfig(capacity=capacity, top_k=k, backend="faiss", faiss_index=index,
@@ -64,7 +68,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="add capacity 1,048,576 and HNSW")
     ap.add_argument("--capacities", type=int, nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None,
-                    help="exact, ring-ivf (the ivf backend), flat, hnsw, ivf or ivf:NPROBE "
+                    help="exact, ring-ivf[:CODES[:RESCORE]] (the ivf backend), flat, hnsw, ivf "
+                         "or ivf:NPROBE "
                          "(faiss blocks; default: all but hnsw; --full adds hnsw, whose "
                          "graph build is slow)")
     ap.add_argument("--queries", type=int, default=512, help="queries per memory per segment")

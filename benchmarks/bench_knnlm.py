@@ -8,6 +8,8 @@ machine noise hits both alike. Prints a table and writes JSON.
 
     python benchmarks/bench_knnlm.py                       # 65,536 entries, 2 threads
     python benchmarks/bench_knnlm.py --capacity 16384 --threads 1
+    python benchmarks/bench_knnlm.py --variant "pq4=model.knnlm.ivf_codes=pq4 \
+        model.knnlm.storage_dtype=float32"                  # one more kNN-LM, interleaved
 """
 
 from __future__ import annotations
@@ -43,13 +45,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="more model.knnlm.* settings")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=SETTINGS: another kNN-LM (space-separated settings on top of "
+                         "--set), timed interleaved with the others")
     ap.add_argument("--out", default="benchmarks/results/knnlm_speed.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     cfg, base = load_shipped_model("demo-base")
-    _, knnlm = load_shipped_model("demo-base", [f"model.knnlm.capacity={args.capacity}",
-                                                *args.set])
+    common = [f"model.knnlm.capacity={args.capacity}", *args.set]
+    variants = {"demo-base + kNN-LM": common}
+    for v in args.variant:
+        name, _, sets = v.partition("=")
+        variants[f"demo-base + kNN-LM {name}"] = [*common, *sets.split()]
+    models = {"demo-base": base}
+    models.update({name: load_shipped_model("demo-base", sets)[1]
+                   for name, sets in variants.items()})
+    knnlm = models["demo-base + kNN-LM"]
     L, B = cfg.data.segment_len, args.streams
     fill = -(-args.capacity // L) + 1  # segments that fill the datastore
     n_seg = fill + args.segments * args.repeats
@@ -57,17 +69,20 @@ def main() -> None:
     seg = lambda i: tokens[:, i * L:(i + 1) * L]  # noqa: E731
     first = torch.ones(B, dtype=torch.bool)
     with torch.no_grad():
-        lam = knnlm.knnlm.cfg.lam
-        knnlm.knnlm.cfg.lam = 0.0  # filling: store only (no search)
-        for i in range(fill):
-            base(seg(i), new_doc=first if i == 0 else None)
-            knnlm(seg(i), new_doc=first if i == 0 else None)
-        knnlm.knnlm.cfg.lam = lam
+        for model in models.values():
+            head = model.knnlm
+            lam = head.cfg.lam if head is not None else 0.0
+            if head is not None:
+                head.cfg.lam = 0.0  # filling: store only (no search)
+            for i in range(fill):
+                model(seg(i), new_doc=first if i == 0 else None)
+            if head is not None:
+                head.cfg.lam = lam
         held = int(knnlm.knnlm.filled.min())
-        times: dict[str, list[float]] = {"demo-base": [], "demo-base + kNN-LM": []}
+        times: dict[str, list[float]] = {name: [] for name in models}
         for r in range(args.repeats):
             ids = range(fill + r * args.segments, fill + (r + 1) * args.segments)
-            for name, model in (("demo-base", base), ("demo-base + kNN-LM", knnlm)):
+            for name, model in models.items():
                 t0 = time.perf_counter()
                 for i in ids:
                     model(seg(i))
@@ -75,18 +90,21 @@ def main() -> None:
     n_tok = B * L * args.segments
     rows = {name: {"seconds": statistics.median(t), "tokens_per_s": n_tok / statistics.median(t),
                    "repeats": t} for name, t in times.items()}
-    ratio = statistics.median(b / k for b, k in zip(times["demo-base"],
-                                                    times["demo-base + kNN-LM"]))
+    ratios = {name: statistics.median(b / k for b, k in zip(times["demo-base"], times[name]))
+              for name in variants}
+    ratio = ratios["demo-base + kNN-LM"]
     print(f"demo-base, {B} streams x {L}-token segments, datastore {held:,} entries per "
           f"stream, {args.threads} threads, median of {args.repeats} x {args.segments} segments")
     print("| model | tokens/s | x demo-base |\n|---|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s'] / rows['demo-base']['tokens_per_s']:.2f} |")
-    print(f"ratio within repeats (median): {ratio:.2f}x")
+    for name, r in ratios.items():
+        print(f"{name}: ratio within repeats (median): {r:.2f}x")
     out = {"capacity": args.capacity, "held": held, "streams": B, "segment_len": L,
-           "threads": args.threads, "settings": args.set, "knnlm": vars(knnlm.knnlm.cfg),
-           "rows": rows, "speed_ratio": ratio}
+           "threads": args.threads, "settings": args.set, "variants": variants,
+           "knnlm": vars(knnlm.knnlm.cfg), "rows": rows, "speed_ratio": ratio,
+           "speed_ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"written {args.out}")
