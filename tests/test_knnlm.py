@@ -327,3 +327,32 @@ def test_tune_scores_the_grid_exactly():
     assert r["best"]["lam"] == 0.0  # the kNN hurts token 2 more than it helps token 1
     assert abs(r["base_loss"] - float(-log_lm.double().mean())) < 1e-9
     assert [a["searched"] for a in r["adaptive"]] == [1.0, 2 / 3, 1 / 3]
+
+
+def test_pq4_codes_written_by_the_head_rank_the_true_neighbours():
+    """The head's own path (one coarse-quantizer run shared by a segment's search and its
+    add) with a short-list of only top_k: a text that repeats itself twice has two
+    near-duplicates of each later state, and the product codes short-list both (codes
+    written wrongly would rank at random: 8 of 600 pairs)."""
+    torch.manual_seed(3)
+    D2, seg, k = 64, 50, 8
+    base = torch.nn.functional.normalize(torch.randn(300, D2), dim=-1)
+    noisy = lambda x: x + 0.05 * torch.randn_like(x) / D2 ** 0.5  # noqa: E731
+    h = torch.cat([base, noisy(base), noisy(base[:50])])[None]  # (1, 650, D2)
+    T = h.shape[1]
+    tokens, logits = torch.randint(0, V, (1, T)), torch.randn(1, T, V)
+    common = dict(capacity=1000, top_k=k, lam=0.3, storage_dtype="float32")
+    heads = [KNNLM(KNNLMConfig(backend="exact", **common), D2),
+             KNNLM(KNNLMConfig(backend="ivf", ivf_nlist=8, ivf_nprobe=8, ivf_train=128,
+                               ivf_codes="pq4", **common), D2)]
+    sims = []
+    for head in heads:
+        run_head(head, h[:, :600], tokens[:, :600], logits[:, :600], seg)
+        mask = torch.ones(1, T - 600, dtype=torch.bool)
+        sims.append(head.neighbours(h[:, 600:], tokens[:, 600:], mask)[0][0])  # (50, k)
+    assert heads[1].ivf.ready
+    exact, pq = sims
+    assert (exact[:, 1] > 0.9).all()  # the two near-duplicates
+    # exact scores: a neighbour found has exact search's similarity
+    found = (pq[:, :, None] - exact[:, None, :2]).abs().lt(1e-5).any(1).float().mean()
+    assert found > 0.95, found

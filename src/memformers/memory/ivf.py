@@ -125,13 +125,14 @@ class IVFIndex:
     def add(self, b: int, keys: np.ndarray, ids: np.ndarray, keep_from: int,
             lists: np.ndarray | None = None) -> None:
         """Add stream b's new keys under their positions (into ``lists`` (N,) if given: the
-        keys' nearest lists, from ``assign``); drop positions < keep_from."""
+        keys' nearest lists, from ``assign``; "pq4" assigns them itself); drop positions
+        < keep_from."""
         index = self.indexes[b]
         if len(ids):
             keys = np.ascontiguousarray(keys, dtype=np.float32)
             ids = np.ascontiguousarray(ids, dtype=np.int64)
-            if lists is None:
-                index.add_with_ids(keys, ids)
+            if lists is None or self.codes == "pq4":  # (fast-scan lists pack their codes
+                index.add_with_ids(keys, ids)           # in blocks: add_core cannot)
             else:
                 lists = np.ascontiguousarray(lists, dtype=np.int64)
                 sp = self.faiss.swig_ptr
