@@ -343,6 +343,7 @@ def test_ask_with_a_damaged_memory_or_model_is_one_line(capsys, hf_memory, tmp_p
     (["eval", "{run}", "--set", "nonsense"], "--set expects key=value"),
     (["eval", "{run}", "--set", "model.knnlm.lam=-1"], "model.knnlm.lam"),
     (["knnlm-tune", "{run}", "--set", "model.knnlm.capacity=-2"], "model.knnlm.capacity"),
+    (["knnlm-tune", "{run}", "--out", "{file}/tune.json"], "cannot create"),
     (["generate", "{run}", "--prompt", ""], "--prompt must not be empty"),
     (["train", "--run-dir", "{run}", "--resume", "--set", "model.d_model=64"],
      "does not match this model"),

@@ -174,6 +174,16 @@ def test_plain_eval_writes_the_lm_result_next_to_the_run(capsys, knn_run):
     assert "Memory gates per head" in capsys.readouterr().out  # gates are always shown
 
 
+def test_knnlm_tune_writes_its_record_into_new_directories(capsys, knn_run, tmp_path):
+    out = tmp_path / "new" / "dir" / "tune.json"
+    assert main(["knnlm-tune", str(knn_run), "--max-tokens", "200", "--no-progress",
+                 "--set", "model.knnlm.capacity=64", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["tokens"] >= 200 and saved["best"] == min(saved["grid"],
+                                                           key=lambda r: r["loss"])
+    assert not list(out.parent.glob("*.tmp"))  # written atomically
+
+
 @pytest.mark.parametrize("args, message", [
     (["--memory-sweep", "0,1.5K"], "--memory-sweep: expected a comma-separated list of int"),
     (["--memory-sweep", "0,64", "--memory-sweep-xl", "on,maybe"],

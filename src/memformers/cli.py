@@ -272,11 +272,19 @@ def cmd_knnlm_tune(args) -> int:
     from memformers.data.corpus import CorpusSplit
     from memformers.evaluate.knnlm_tune import format_tune, record_neighbours, tune
 
+    from memformers.train.checkpoint import atomic_write_text
+
     run_dir = Path(args.run_dir)
     overrides = list(args.set)
     if not any(s.startswith("model.knnlm.capacity=") for s in overrides):
         overrides.append("model.knnlm.capacity=65536")
     cfg, model, _ = load_trained_model(run_dir, overrides, args.device)
+    out = Path(args.out) if args.out else (
+        Path(f"knnlm-{run_dir}.json") if is_shipped(run_dir) else run_dir / "knnlm.json")
+    try:  # before the long recording: a record that cannot be written fails now
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MemformersError(f"--out {out}: cannot create {out.parent} ({e.strerror})") from None
     d = cfg.data
     split = CorpusSplit.open(Path(d.corpus), args.split)
     rec = record_neighbours(model, split, batch_size=d.batch_size, segment_len=d.segment_len,
@@ -285,9 +293,7 @@ def cmd_knnlm_tune(args) -> int:
                             min_doc_tokens=d.eval_min_doc_tokens, progress=not args.no_progress)
     result = {"split": args.split, "settings": overrides, **tune(rec)}
     print(format_tune(result))
-    out = Path(args.out) if args.out else (
-        Path(f"knnlm-{run_dir}.json") if is_shipped(run_dir) else run_dir / "knnlm.json")
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"written {out}")
     return 0
 
