@@ -271,7 +271,6 @@ def cmd_generate(args) -> int:
 def cmd_knnlm_tune(args) -> int:
     from memformers.data.corpus import CorpusSplit
     from memformers.evaluate.knnlm_tune import format_tune, record_neighbours, tune
-
     from memformers.train.checkpoint import atomic_write_text
 
     run_dir = Path(args.run_dir)
