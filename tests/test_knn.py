@@ -216,7 +216,7 @@ def test_ivf_recall_on_recorded_keys_stays_above_its_bound():
               for f in found[1:]]
     assert all(ivf.ready for ivf in store.backend.ivf)
     assert recall[0] >= 0.95, recall  # 4-bit product codes (4 bytes a key here) short-list
-    assert recall[1] >= 0.85, recall  # 128, rescored exactly (measured 0.89)
+    assert recall[1] >= 0.85, recall  # 128, rescored exactly (measured 0.88)
 
 
 def test_ivf_lists_grow_as_the_square_root_of_capacity():
