@@ -333,10 +333,10 @@ class KNNLM(StreamState, nn.Module):
     def asks(self, logits: torch.Tensor) -> torch.Tensor | None:
         """(B, L) bool: the positions that search, those whose largest p_LM is below
         ``retrieve_below`` (adaptive retrieval); None = every position."""
-        if self.cfg.retrieve_below >= 1.0:  # (spares the log-softmax)
+        if self.cfg.retrieve_below >= 1.0:  # (spares the logsumexp)
             return None
-        return searching(torch.log_softmax(logits.float(), -1).max(-1).values,
-                         self.cfg.retrieve_below)
+        x = logits.float()  # log max p = top logit - logsumexp: no (B, L, V) log-softmax
+        return searching(x.max(-1).values - torch.logsumexp(x, -1), self.cfg.retrieve_below)
 
     def mix(self, logits: torch.Tensor, sim: torch.Tensor, values: torch.Tensor,
             lam: float | None = None, temperature: float | None = None) -> torch.Tensor:
