@@ -57,6 +57,11 @@ def main() -> None:
     t0 = time.perf_counter()
     exact = (xqt @ xbt.T).topk(k).indices.numpy()
     exact_s = time.perf_counter() - t0
+    xbh, xqh = xbt.bfloat16(), xqt.bfloat16()  # bf16 on the matrix units (AMX), fp32 top-k
+    (xqh @ xbh.T).float().topk(k)
+    t0 = time.perf_counter()
+    bf16_ids = (xqh @ xbh.T).float().topk(k).indices.numpy()
+    bf16_s = time.perf_counter() - t0
 
     def recall(ids: np.ndarray) -> float:
         return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact)]))
@@ -71,6 +76,17 @@ def main() -> None:
         ix.nprobe = nprobe
         return ix, q
 
+    def pca_ivf(dims, nlist, nprobe):  # He et al. 2021: search reduced keys (faiss's PCA)
+        ix = faiss.IndexPreTransform(faiss.PCAMatrix(d, dims), ivf_of(dims, nlist))
+        ix.train(xb[: min(len(xb), 32768)])
+        faiss.extract_index_ivf(ix).nprobe = nprobe
+        return ix, None
+
+    def ivf_of(dims, nlist):
+        return faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dims), dims, nlist,
+                                             faiss.ScalarQuantizer.QT_fp16,
+                                             faiss.METRIC_INNER_PRODUCT)
+
     def hnsw(m, ef):
         ix = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
         ix.hnsw.efSearch = ef
@@ -82,11 +98,16 @@ def main() -> None:
         "ivf 256 / 4": lambda: ivf(256, 4),
         "ivf 4096 / 16": lambda: ivf(4096, 16),
         "ivf 1024 / 8, int8 codes": lambda: ivf(1024, 8, faiss.ScalarQuantizer.QT_8bit),
+        "ivf 1024 / 8, fp16 codes": lambda: ivf(1024, 8, faiss.ScalarQuantizer.QT_fp16),
+        "ivf 1024 / 8 over PCA-128 keys, fp16": lambda: pca_ivf(128, 1024, 8),
+        "ivf 1024 / 8 over PCA-64 keys, fp16": lambda: pca_ivf(64, 1024, 8),
         "hnsw M 32, ef 64": lambda: hnsw(32, 64),
         "hnsw M 16, ef 80": lambda: hnsw(16, 80),
     }
     a, w = torch.randn(512, 256), torch.randn(256, 1024)
-    rows = {"exact (torch fp32 matmul + top-k)": {"ms": 1000 * exact_s, "recall": 1.0}}
+    rows = {"exact (torch fp32 matmul + top-k)": {"ms": 1000 * exact_s, "recall": 1.0},
+            "exact, bf16 scores (torch bf16 matmul + top-k)": {"ms": 1000 * bf16_s,
+                                                              "recall": recall(bf16_ids)}}
     for name, make in contenders.items():
         ix, _keep = make()
         t0 = time.perf_counter()

@@ -62,6 +62,27 @@ def test_exact_search_equals_brute_force(chunk, group):
     assert (i[real][no_ties] == ref_i[..., :5][real][no_ties]).all()
 
 
+
+def test_exact_search_in_bf16_rescores_its_candidates_in_fp32():
+    """search_dtype bfloat16: every returned score is the fp32 q . key of the returned row;
+    re-ranking every row (rerank >= rows) gives exactly the fp32 top-k."""
+    torch.manual_seed(1)
+    keys = torch.randn(3, 200, D).half()
+    filled = torch.tensor([200, 37, 3])
+    q = torch.randn(3, 10, D)
+    ref_s, ref_i = brute_force(keys, filled, q, 5)
+    for rerank in (0, 200):
+        s, i = exact_topk(keys, filled, q, 5, chunk=64, group=4, tile_elems=600,
+                          score_dtype=torch.bfloat16, rerank=rerank)
+        real = ~torch.isinf(s)
+        assert (real.sum(-1) == filled.clamp(max=5)[:, None]).all() and (i[~real] == -1).all()
+        got = torch.einsum("sqd,sqkd->sqk", q, keys.float()[torch.arange(3)[:, None, None],
+                                                            i.clamp(min=0)])
+        assert torch.allclose(got[real], s[real], atol=1e-5)  # exact scores, not bf16 ones
+    assert torch.allclose(s, ref_s[..., :5], atol=1e-5)  # all rows re-ranked: the fp32 top-k
+    no_ties = ref_s[..., :5][real] != ref_s[..., 1:6][real]
+    assert (i[real][no_ties] == ref_i[..., :5][real][no_ties]).all()
+
 def _filled_store(backend, index="flat", n=512, seed=0):
     cfg = KNNConfig(capacity=n, top_k=8, backend=backend, faiss_index=index, faiss_block=256,
                     faiss_nlist=8, faiss_nprobe=4)
@@ -193,7 +214,8 @@ def test_block_search_scores_fewer_rows_and_finds_clustered_keys():
 def test_ivf_recall_on_recorded_keys_stays_above_its_bound():
     """Real keys and queries of demo-base's kNN layer (tests/data, 2 heads x 4,096 keys,
     64 queries each, from benchmarks/bench_knn_recall.py): IVF with 64 lists, 16 probed,
-    finds >= 95% of exact search's top 32 (measured 0.98)."""
+    finds >= 95% of exact search's top 32 (measured 0.98); so do pq4 codes and bf16
+    scores within their bounds."""
     pytest.importorskip("faiss")
     from pathlib import Path
 
@@ -205,18 +227,21 @@ def test_ivf_recall_on_recorded_keys_stays_above_its_bound():
     ivf = dict(capacity=4096, top_k=32, backend="ivf", ivf_nlist=64, ivf_nprobe=16,
                ivf_train=4096)
     for cfg in (KNNConfig(capacity=4096, top_k=32), KNNConfig(**ivf),
-                KNNConfig(**ivf, ivf_codes="pq4", ivf_rescore=128)):
+                KNNConfig(**ivf, ivf_codes="pq4", ivf_rescore=128),
+                KNNConfig(capacity=4096, top_k=32, search_dtype="bfloat16", search_rerank=32)):
         store = KNNStore(cfg, 2, 32)
         store.allocate(1, "cpu")
         for a in range(0, 4096, 512):  # written segment by segment, as the model does
             k = keys[None, :, a:a + 512]
             store.write(k, torch.zeros_like(k), torch.ones(1, 512, dtype=torch.bool))
         found.append(store.search(q, 32)[1])
+        if cfg.backend == "ivf":
+            assert all(ivf.ready for ivf in store.backend.ivf)
     recall = [(f[..., :, None] == found[0][..., None, :]).any(-1).float().mean()
               for f in found[1:]]
-    assert all(ivf.ready for ivf in store.backend.ivf)
     assert recall[0] >= 0.95, recall  # 4-bit product codes (4 bytes a key here) short-list
     assert recall[1] >= 0.85, recall  # 128, rescored exactly (measured 0.88)
+    assert recall[2] >= 0.97, recall  # bf16 scores, no spare candidates (measured 0.989)
 
 
 def test_ivf_lists_grow_as_the_square_root_of_capacity():

@@ -289,6 +289,8 @@ def exact_topk(
     chunk: int = 65536,
     group: int = 16,
     tile_elems: int = 1 << 25,
+    score_dtype: torch.dtype = torch.float32,
+    rerank: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of q . key over each memory's valid rows, in fp32.
 
@@ -300,14 +302,26 @@ def exact_topk(
     of the k best rows lifts its group's max to at least its own score). Only
     those k * group candidates go through the final top-k. Per-tile results are
     merged with one last top-k. Ties may be broken differently from a full sort.
+
+    ``score_dtype`` bfloat16 scores every row in bf16 (matrix units: AMX on recent x86
+    CPUs, tensor cores on GPUs) and keeps ``max(k, rerank)`` candidates per query (0 =
+    2k), which are then rescored in fp32 from the stored keys: the returned scores are
+    exact, and only the candidate set can differ from exact search (a true top-k row whose
+    bf16 score falls below the candidates' last).
     """
     S, Q, d = queries.shape
+    k_out = k
+    low = score_dtype != torch.float32
+    if low:  # candidates for the fp32 re-rank
+        k = max(k, rerank if rerank > 0 else 2 * k)
+        q_all = queries
+        queries = queries.to(score_dtype)
     rows = int(filled.max()) if filled.numel() else 0
     dev = queries.device
     out_s = torch.full((S, Q, k), float("-inf"), device=dev)
     out_i = torch.full((S, Q, k), -1, dtype=torch.long, device=dev)
     if rows == 0:
-        return out_s, out_i
+        return out_s[..., :k_out], out_i[..., :k_out]
     chunk = max(1, min(chunk, rows))
     per_tile = max(1, min(S, tile_elems // (Q * chunk)))
     filled = filled.to(dev)
@@ -326,11 +340,11 @@ def exact_topk(
             n = c1 - c0
             shape = (s1 - s0, n)
             if shape not in buffers:
-                buffers[shape] = (torch.empty(s1 - s0, n, d, device=dev),
-                                  torch.empty(s1 - s0, Q, n, device=dev))
+                buffers[shape] = (torch.empty(s1 - s0, n, d, device=dev, dtype=score_dtype),
+                                  torch.empty(s1 - s0, Q, n, device=dev, dtype=score_dtype))
             kc, sc = buffers[shape]
-            kc.copy_(keys[s0:s1, c0:c1])  # (s, n, d) one fp32 conversion per chunk
-            torch.bmm(q, kc.transpose(1, 2), out=sc)  # (s, Q, n) fp32 scores
+            kc.copy_(keys[s0:s1, c0:c1])  # (s, n, d) one conversion per chunk
+            torch.bmm(q, kc.transpose(1, 2), out=sc)  # (s, Q, n) scores (score_dtype)
             if bool((lim < c1).any()):  # rows past a memory's fill are empty
                 dead = torch.arange(c0, c1, device=dev)[None, :] >= lim[:, None]  # (s, n)
                 sc.masked_fill_(dead[:, None, :], float("-inf"))
@@ -342,21 +356,30 @@ def exact_topk(
             if group_off[n] is not None:
                 m, off = group_off[n]
                 gmax = sc.view(s1 - s0, Q, group, m).amax(2)  # (s, Q, m) one max per group
-                gi = gmax.topk(kk, dim=-1).indices  # (s, Q, kk) the best groups
+                gi = gmax.float().topk(kk, dim=-1).indices  # (s, Q, kk) the best groups
                 rows_c = (gi[..., None] + off).flatten(2)  # (s, Q, kk * group) their rows
-                ts, ti = sc.gather(2, rows_c).topk(kk, dim=-1)  # (s, Q, kk)
+                ts, ti = sc.gather(2, rows_c).float().topk(kk, dim=-1)  # (s, Q, kk)
                 ti = rows_c.gather(2, ti)
             else:
-                ts, ti = sc.topk(kk, dim=-1)
+                ts, ti = sc.float().topk(kk, dim=-1)
             cand_s.append(ts)
             cand_i.append(ti + c0)
         all_s, all_i = torch.cat(cand_s, -1), torch.cat(cand_i, -1)  # (s, Q, n_chunks*k)
         kk = min(k, all_s.shape[-1])
         top_s, j = all_s.topk(kk, dim=-1)
-        out_s[s0:s1, :, :kk] = top_s
+        out_s[s0:s1, :, :kk] = top_s.float()
         out_i[s0:s1, :, :kk] = all_i.gather(2, j)
     out_i = out_i.masked_fill(torch.isinf(out_s), -1)  # fewer than k rows: missing
-    return out_s, out_i
+    if not low:
+        return out_s, out_i
+    # fp32 re-rank: the candidates' exact scores, then the best k_out of them
+    C = keys.shape[1]
+    rows_all = out_i.clamp(min=0) + torch.arange(S, device=dev)[:, None, None] * C
+    cand = keys.reshape(S * C, d)[rows_all.flatten()].view(S, Q, k, d).float()
+    exact = torch.einsum("sqd,sqkd->sqk", q_all, cand)  # (S, Q, k) fp32 scores
+    exact = exact.masked_fill(out_i < 0, float("-inf"))
+    top_s, j = exact.topk(min(k_out, k), dim=-1)
+    return top_s, out_i.gather(2, j).masked_fill(torch.isinf(top_s), -1)
 
 
 class ExactSearch(SearchBackend):
@@ -365,7 +388,8 @@ class ExactSearch(SearchBackend):
     def search(self, store, queries, k):
         keys, filled = store.memory_view()
         return exact_topk(keys, filled, queries, k, self.cfg.search_chunk,
-                          self.cfg.search_group, self.cfg.search_tile)
+                          self.cfg.search_group, self.cfg.search_tile,
+                          STORAGE_DTYPES[self.cfg.search_dtype], self.cfg.search_rerank)
 
 
 class FaissSearch(SearchBackend):
