@@ -11,8 +11,9 @@ come from documents and cluster in time and content. This records them:
 
 then scores each with exact search and with the approximate backends over a grid --
 ``ivf:NLIST:NPROBE:TRAIN`` (``IVFSearch``, centroids trained on the first TRAIN keys of
-each head, in the order the memory received them), ``bf16:RERANK`` (exact search with
-bf16 scores, the best RERANK candidates rescored in fp32) and ``block:SIZE:PROBE:GROUP``
+each head, in the order the memory received them), ``exact:DTYPE:RERANK`` (exact search
+with bfloat16 or float16 scores, the best RERANK candidates rescored in fp32; 0 = 2k) and
+``block:SIZE:PROBE:GROUP``
 (``BlockSearch``): recall@k against exact, and the median search time of one segment's
 queries (methods interleaved in every repeat).
 
@@ -108,14 +109,14 @@ def config_of(method: str, C: int, k: int) -> KNNConfig:
                          ivf_nprobe=int(v[1]), ivf_train=int(v[2]),
                          ivf_codes=v[3] if len(v) > 3 else "auto",
                          ivf_rescore=int(v[4]) if len(v) > 4 else 0)
-    if kind == "bf16":  # [:RERANK]: exact search scored in bf16, candidates re-ranked in fp32
-        return KNNConfig(capacity=C, top_k=k, backend="exact", search_dtype="bfloat16",
-                         search_rerank=int(v[0]) if v else 0)
+    if kind == "exact":  # DTYPE[:RERANK]: scores in bfloat16 / float16, re-ranked in fp32
+        return KNNConfig(capacity=C, top_k=k, backend="exact", search_dtype=v[0],
+                         search_rerank=int(v[1]) if len(v) > 1 else 0)
     if kind == "block":
         return KNNConfig(capacity=C, top_k=k, backend="block", block_size=int(v[0]),
                          block_probe=int(v[1]), block_group=int(v[2]))
     raise SystemExit(f"unknown method {method}: ivf:NLIST:NPROBE:TRAIN[:CODES[:RESCORE]], "
-                     f"bf16[:RERANK] or block:SIZE:PROBE:GROUP")
+                     f"exact:DTYPE[:RERANK] or block:SIZE:PROBE:GROUP")
 
 
 def measure(keys, queries, grid, k: int, repeats: int, heads: int) -> list[dict]:
@@ -159,7 +160,7 @@ def main() -> None:
         "ivf:256:16:16384", "ivf:1024:16:16384", "ivf:1024:32:16384", "ivf:1024:64:16384",
         "ivf:1024:32:65536", "ivf:4096:64:65536", "block:64:32:16", "block:64:32:1"],
         help="ivf:NLIST:NPROBE:TRAIN[:CODES[:RESCORE]] (0 = the default, e.g. ivf:0:64:0; "
-             "ivf:0:64:0:pq4:256), bf16[:RERANK] (exact, bf16 scores) or "
+             "ivf:0:64:0:pq4:256), exact:DTYPE[:RERANK] (e.g. exact:bfloat16:0) or "
              "block:SIZE:PROBE:GROUP")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--models", default="demo-base,passkey-knn",

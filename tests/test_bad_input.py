@@ -72,7 +72,7 @@ def snapshot(run: Path) -> dict:
     ("data.batch_size=-1", "must be positive"),
     ("model.knn.backend='annoy'", "model.knn.backend' must be one of"),
     ("model.knn.storage_dtype='int8'", "model.knn.storage_dtype' must be one of"),
-    ("model.knn.search_dtype='float16'", "model.knn.search_dtype' must be one of"),
+    ("model.knn.search_dtype='int8'", "model.knn.search_dtype' must be one of"),
     ("model.knn.search_rerank=-1", "model.knn.search_rerank must be >= 0"),
     ("model.pkm.k_dim=3", "model.pkm.k_dim must be even"),
     ("model.pkm.top_k=9999", "must be <= n_keys"),

@@ -63,9 +63,10 @@ def test_exact_search_equals_brute_force(chunk, group):
 
 
 
-def test_exact_search_in_bf16_rescores_its_candidates_in_fp32():
-    """search_dtype bfloat16: every returned score is the fp32 q . key of the returned row;
-    re-ranking every row (rerank >= rows) gives exactly the fp32 top-k."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_search_in_low_precision_rescores_its_candidates_in_fp32(dtype):
+    """search_dtype bfloat16 / float16: every returned score is the fp32 q . key of the
+    returned row; re-ranking every row (rerank >= rows) gives exactly the fp32 top-k."""
     torch.manual_seed(1)
     keys = torch.randn(3, 200, D).half()
     filled = torch.tensor([200, 37, 3])
@@ -73,7 +74,7 @@ def test_exact_search_in_bf16_rescores_its_candidates_in_fp32():
     ref_s, ref_i = brute_force(keys, filled, q, 5)
     for rerank in (0, 200):
         s, i = exact_topk(keys, filled, q, 5, chunk=64, group=4, tile_elems=600,
-                          score_dtype=torch.bfloat16, rerank=rerank)
+                          score_dtype=dtype, rerank=rerank)
         real = ~torch.isinf(s)
         assert (real.sum(-1) == filled.clamp(max=5)[:, None]).all() and (i[~real] == -1).all()
         got = torch.einsum("sqd,sqkd->sqk", q, keys.float()[torch.arange(3)[:, None, None],

@@ -431,7 +431,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(k.faiss_index, ("flat", "ivf", "hnsw"), "model.knn.faiss_index")
     _check(k.search_chunk > 0 and k.faiss_block > 0 and k.search_tile > 0
            and k.search_group > 0, "model.knn search sizes must be positive")
-    _choice(k.search_dtype, ("float32", "bfloat16"), "model.knn.search_dtype")
+    _choice(k.search_dtype, ("float32", "bfloat16", "float16"), "model.knn.search_dtype")
     _check(k.search_rerank >= 0, "model.knn.search_rerank must be >= 0 (0 = 2 x top_k)")
     blk = min(k.faiss_block, max(k.capacity, 1))
     _check(k.backend != "faiss" or k.capacity % blk == 0,

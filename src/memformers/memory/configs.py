@@ -72,9 +72,9 @@ class KNNConfig:
     faiss_ef_search: int = 64  # HNSW search breadth (raised to top_k when smaller)
     search_group: int = 16  # exact backend: rows per max-group in the two-stage top-k
     search_tile: int = 1 << 25  # exact backend: fp32 scores per batched matmul (x4 bytes)
-    # exact backend: "float32" | "bfloat16" (score every row in bf16 on the matrix units,
-    # AMX / tensor cores, then rescore the best search_rerank candidates in fp32; 0 = 2 x
-    # top_k): the returned scores are exact, only the candidate set is approximate
+    # exact backend: "float32" | "bfloat16" | "float16" (score every row in low precision on
+    # the matrix units, AMX / tensor cores, then rescore the best search_rerank candidates
+    # in fp32; 0 = 2 x top_k): the returned scores are exact, the candidate set approximate
     search_dtype: str = "float32"
     search_rerank: int = 0
     # block backend (knn_store.BlockSearch): blocks of block_size consecutive ring slots,

@@ -303,11 +303,11 @@ def exact_topk(
     those k * group candidates go through the final top-k. Per-tile results are
     merged with one last top-k. Ties may be broken differently from a full sort.
 
-    ``score_dtype`` bfloat16 scores every row in bf16 (matrix units: AMX on recent x86
-    CPUs, tensor cores on GPUs) and keeps ``max(k, rerank)`` candidates per query (0 =
-    2k), which are then rescored in fp32 from the stored keys: the returned scores are
-    exact, and only the candidate set can differ from exact search (a true top-k row whose
-    bf16 score falls below the candidates' last).
+    ``score_dtype`` bfloat16 / float16 scores every row in that precision (matrix units:
+    tensor cores on GPUs, AMX (bf16) on recent x86 CPUs) and keeps ``max(k, rerank)``
+    candidates per query (0 = 2k), which are then rescored in fp32 from the stored keys:
+    the returned scores are exact, and only the candidate set can differ from exact search
+    (a true top-k row whose low-precision score falls below the candidates' last).
     """
     S, Q, d = queries.shape
     k_out = k
