@@ -124,7 +124,7 @@ def measure(keys, queries, grid, k: int, repeats: int, heads: int) -> list[dict]
     stores = {"exact": store_of(keys, KNNConfig(capacity=C, top_k=k, backend="exact"), heads)}
     for method in grid:
         stores[method] = store_of(keys, config_of(method, C, k), heads)
-    kth, truth = (x for x in stores["exact"].search(queries, k))  # (S, Q, k)
+    kth, truth = stores["exact"].search(queries, k)  # (S, Q, k)
     kth = kth[..., -1:]  # the true k-th score
     rows, times = {}, {name: [] for name in stores}
     for name, store in stores.items():
