@@ -19,12 +19,19 @@ for its search time, and the real search would cost more. The kernels timed are:
 
 The first segment of keys and queries that fills a 65,536-row ring is recorded from
 demo-base's kNN layer, on the two longest documents of ``--split``: 16 memories of d 32,
-256 queries each. The baseline is faiss IVF with fp16 codes (the ``ivf`` backend's
-layout) over the same lists and probes, the 16 searches run side by side as the backend
-runs them. The GEMM path's top-k is checked against faiss's, since both score the same
-candidates. Medians of ``--repeats``, the contenders interleaved.
+256 queries each. ``--keys knnlm`` takes the kNN-LM's datastore instead (one stream of
+demo-base's normalised final states, d 256, and the next segment's 256 queries: the
+keys of ``bench_knnlm_search.py``), where each query probes fewer lists and a key is 8x
+longer, the regime most favourable to matmuls.
+
+The baseline is faiss IVF with fp16 codes (the ``ivf`` backend's layout) over the same
+lists and probes, the memories' searches run side by side as the backend runs them. The
+GEMM path's top-k is checked against faiss's, since both score the same candidates.
+Medians of ``--repeats``, the contenders interleaved.
 
     python benchmarks/bench_knn_gemm_floor.py --out benchmarks/results/knn_gemm_floor.json
+    python benchmarks/bench_knn_gemm_floor.py --keys knnlm --nprobe 8 --k 64 --chunk 32 \
+        --tile 8 --out benchmarks/results/knnlm_gemm_floor.json
 """
 
 from __future__ import annotations
@@ -148,6 +155,8 @@ def _rows_of(lay, j, Lc):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--keys", choices=("knn", "knnlm"), default="knn",
+                    help="the kNN layer's rings, or the kNN-LM's datastore")
     ap.add_argument("--split", default="valid")
     ap.add_argument("--corpus", default="data/stdlib-byte-grouped")
     ap.add_argument("--capacity", type=int, default=65536)
@@ -163,7 +172,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import faiss
 
-    K, Qr = recorded(args.split, args.corpus, args.capacity)  # (S, C, d), (S, Q, d)
+    if args.keys == "knn":
+        K, Qr = recorded(args.split, args.corpus, args.capacity)  # (S, C, d), (S, Q, d)
+    else:
+        from bench_knnlm_search import real_keys
+        xb, xq = real_keys(args.capacity, Path(args.corpus))
+        K, Qr = xb[None], xq[None]
     S, C, d = K.shape
     ip = faiss.METRIC_INNER_PRODUCT
     indexes, lists_of_key, probes = [], [], []
