@@ -53,3 +53,22 @@ def test_min_doc_tokens_and_buckets_pick_documents_and_positions(tiny_corpus):
               for a, b in ((0, 100), (100, 1024), (1024, 1 << 40))]
     assert [ev["by_position"][k]["tokens"] for k in ev["by_position"]] == expect
     assert [bucket_start(k) for k in ev["by_position"]] == [0, 100, 1024]
+    # per document, the tokens past the first bucket add up to those buckets' totals
+    late = ev["by_doc_late"]
+    assert late["from"] == 100
+    assert sum(v[1] for v in late["docs"].values()) == expect[1] + expect[2]
+    late_nll = sum(ev["by_position"][k]["loss"] * ev["by_position"][k]["tokens"]
+                   for k in ("100-1K", "1K+"))
+    assert math.isclose(sum(v[0] for v in late["docs"].values()), late_nll, rel_tol=1e-9)
+    assert all(v[1] == lengths[int(d)] - 100 for d, v in late["docs"].items())
+
+
+def test_bootstrap_change_of_the_late_tokens_reads_only_them():
+    docs = {str(d): [2.0 * (d + 1), d + 1] for d in range(8)}
+    base = {"by_doc": docs, "by_doc_late": {"from": 2048, "docs": docs}}
+    other = {"by_doc": docs,  # no change overall, -20% on every document's late tokens
+             "by_doc_late": {"from": 2048, "docs": {d: [0.8 * a, n] for d, (a, n)
+                                                    in docs.items()}}}
+    assert bootstrap_change(base, other) == (0.0, 0.0, 0.0)
+    c, lo, hi = bootstrap_change(base, other, late=True)
+    assert math.isclose(c, -0.2) and math.isclose(lo, -0.2) and math.isclose(hi, -0.2)

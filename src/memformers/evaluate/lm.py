@@ -83,6 +83,7 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     byte_sum = torch.zeros(n_b, dtype=torch.float64, device=device)
     recorded: dict[int, list[np.ndarray]] = {d: [] for d in record_docs}
     by_doc: dict[int, list[float]] = {}  # document -> [nll sum, tokens] (for bootstraps)
+    by_doc_late: dict[int, list[float]] = {}  # the same, from the second bucket on
     total = streams.tokens_per_epoch
     if max_tokens:
         total = min(total, max_tokens)
@@ -103,14 +104,17 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
             nll_sum.index_add_(0, b[valid], nll[valid])
             tok_sum.index_add_(0, b[valid], w[valid])
             byte_sum.index_add_(0, b[valid], tbytes[targets[valid]])
-            row_nll, row_tok = (nll * w).sum(1).tolist(), w.sum(1).tolist()
+            late = w * (b >= 1)  # past the first bucket (beyond 2K by default)
+            per_row = ((by_doc, (nll * w).sum(1).tolist(), w.sum(1).tolist()),
+                       (by_doc_late, (nll * late).sum(1).tolist(), late.sum(1).tolist()))
             for row, doc in enumerate(batch.doc_ids.tolist()):
                 if doc in recorded:
                     recorded[doc].append(nll[row][valid[row]].float().cpu().numpy())
-                if doc >= 0 and row_tok[row]:
-                    acc = by_doc.setdefault(doc, [0.0, 0])
-                    acc[0] += row_nll[row]
-                    acc[1] += int(row_tok[row])
+                for table, row_nll, row_tok in per_row:
+                    if doc >= 0 and row_tok[row]:
+                        acc = table.setdefault(doc, [0.0, 0])
+                        acc[0] += row_nll[row]
+                        acc[1] += int(row_tok[row])
             n = valid.sum()
             if world_size > 1:  # ranks step in lockstep: all see the same global count
                 torch.distributed.all_reduce(n)
@@ -127,6 +131,9 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     out = _summary(sum(nll_l), int(sum(tok_l)), int(sum(byte_l)))
     out["documents"] = n_docs
     out["by_doc"] = {str(d): v for d, v in sorted(by_doc.items())}  # this rank's documents
+    if len(buckets) > 1:  # the tokens beyond the first bucket, per document
+        out["by_doc_late"] = {"from": int(buckets[1]),
+                              "docs": {str(d): v for d, v in sorted(by_doc_late.items())}}
     out["by_position"] = {name: _summary(a, int(t), int(c))
                           for name, a, t, c in zip(bucket_names(buckets), nll_l, tok_l, byte_l)
                           if t > 0}
@@ -136,16 +143,18 @@ def evaluate_lm(model, split, token_bytes: np.ndarray, *, batch_size: int, segme
     return out
 
 
-def bootstrap_change(base: dict, other: dict, n: int = 2000, seed: int = 0
-                     ) -> tuple[float, float, float]:
+def bootstrap_change(base: dict, other: dict, n: int = 2000, seed: int = 0,
+                     late: bool = False) -> tuple[float, float, float]:
     """Relative loss change other/base - 1 over the documents both scored, with a 95% paired
     bootstrap interval over documents: (change, low, high). ``base`` and ``other`` are
-    ``evaluate_lm`` results (their ``by_doc`` sums)."""
-    docs = sorted(set(base["by_doc"]) & set(other["by_doc"]))
+    ``evaluate_lm`` results (their ``by_doc`` sums; ``late``: only the tokens past the first
+    position bucket, ``by_doc_late``)."""
+    pa, pb = ((r["by_doc_late"]["docs"] if late else r["by_doc"]) for r in (base, other))
+    docs = sorted(set(pa) & set(pb))
     if not docs:
         return math.nan, math.nan, math.nan
-    a = np.array([base["by_doc"][d] for d in docs], dtype=np.float64)  # (D, 2) nll, tokens
-    b = np.array([other["by_doc"][d] for d in docs], dtype=np.float64)
+    a = np.array([pa[d] for d in docs], dtype=np.float64)  # (D, 2) nll, tokens
+    b = np.array([pb[d] for d in docs], dtype=np.float64)
     change = (b[:, 0].sum() / b[:, 1].sum()) / (a[:, 0].sum() / a[:, 1].sum()) - 1
     idx = np.random.default_rng(seed).integers(0, len(docs), (n, len(docs)))
     ratios = (b[idx, 0].sum(1) / b[idx, 1].sum(1)) / (a[idx, 0].sum(1) / a[idx, 1].sum(1)) - 1

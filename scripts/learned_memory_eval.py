@@ -1,0 +1,103 @@
+"""The learned kNN memory against its XL control, on the issue's protocol: every held-out
+document of a split, every token up to ``--doc-tokens`` of each.
+
+Given the two runs of a compare (the XL control and XL + kNN memory, fine-tuned
+identically), this evaluates on each split:
+- demo-base alone, and with the same kNN memory and no training;
+- the XL control;
+- the XL + kNN model with its memory off (capacity 0: the same weights, local attention
+  only) and on.
+
+It prints the loss by position and the change beyond the first bucket (2K tokens) against
+the control and against demo-base, with 95% bootstrap intervals over documents
+(``evaluate.lm.bootstrap_change``). It writes every result to ``--out``.
+
+    python scripts/learned_memory_eval.py \\
+        --control reports/cpu-small-s14/runs/xl-* --memory reports/cpu-small-s14/runs/xl+knn-* \\
+        --out benchmarks/results/learned_memory/cpu-small-s14.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from memformers.cli import load_trained_model
+from memformers.data.corpus import CorpusSplit
+from memformers.evaluate.lm import bootstrap_change, evaluate_lm
+
+BUCKETS = (0, 2048, 8192, 32768)
+
+
+def evaluate(run: str, sets: list[str], split: str, doc_tokens: int, batch: int) -> dict:
+    cfg, model, tok = load_trained_model(run, sets)
+    data = CorpusSplit.open(Path(cfg.data.corpus), split)
+    return evaluate_lm(model, data, tok.token_bytes, batch_size=batch,
+                       segment_len=cfg.data.segment_len, max_doc_tokens=doc_tokens,
+                       buckets=BUCKETS, progress=False)
+
+
+def change(base: dict, other: dict, late: bool) -> str:
+    c, lo, hi = bootstrap_change(base, other, late=late)
+    return f"{c:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--control", required=True, help="the XL control's run directory")
+    ap.add_argument("--memory", required=True, help="the XL + kNN memory run directory")
+    ap.add_argument("--splits", default="test,valid")
+    ap.add_argument("--doc-tokens", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=4, help="document streams at a time")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    trained = json.loads((Path(args.memory) / "config.json").read_text())
+    knn = trained["model"]["knn"]
+    knn_sets = [f"model.knn.{k}={json.dumps(knn[k])}"
+                for k in ("layers", "capacity", "normalize", "combine", "gate_init", "top_k")
+                if k in knn]
+    models = {"demo-base": ("demo-base", []),
+              "demo-base + kNN memory, no training": ("demo-base", knn_sets),
+              "XL control": (args.control, []),
+              "XL + kNN, memory off": (args.memory, ["model.knn.capacity=0"]),
+              "XL + kNN, memory on": (args.memory, [])}
+    out = Path(args.out)
+    record = {"control": args.control, "memory": args.memory, "knn": knn_sets,
+              "doc_tokens": args.doc_tokens, "splits": {}}
+    for split in args.splits.split(","):
+        rows = record["splits"][split] = {}
+        for name, (run, sets) in models.items():
+            t0 = time.perf_counter()
+            rows[name] = evaluate(run, sets, split, args.doc_tokens, args.batch)
+            print(f"[{split}] {name}: {rows[name]['loss']:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
+    print(table(record))
+
+
+def table(record: dict) -> str:
+    lines = []
+    for split, rows in record["splits"].items():
+        first = rows["demo-base"]
+        names = list(first["by_position"])
+        lines += [f"\n{split}: {first['documents']} documents, {first['tokens']:,} tokens "
+                  f"(every token up to {record['doc_tokens']:,} per document)",
+                  "| model | all | " + " | ".join(names) + " | beyond 2K | vs XL control "
+                  "| vs demo-base |",
+                  "|---|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
+        for name, r in rows.items():
+            late = r["by_doc_late"]["docs"]
+            nll, n = sum(v[0] for v in late.values()), sum(v[1] for v in late.values())
+            cells = [f"{r['by_position'][b]['loss']:.4f}" for b in names]
+            vs_ctl = change(rows["XL control"], r, True) if name != "XL control" else ""
+            vs_base = change(rows["demo-base"], r, True) if name != "demo-base" else ""
+            lines.append(f"| {name} | {r['loss']:.4f} | " + " | ".join(cells)
+                         + f" | {nll / n:.4f} | {vs_ctl} | {vs_base} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
