@@ -1,0 +1,30 @@
+"""demo.py: the memory ladder's table (the demo itself runs in CI as `demo --quick`)."""
+
+from memformers.demo import CONTROL, format_ladder
+from memformers.evaluate.lm import bootstrap_change
+
+
+def _eval(loss: float, late_loss: float) -> dict:
+    """An evaluate_lm-like result: 4 documents of 100 tokens, 60 of them past 2K."""
+    docs = {str(d): [loss * 100, 100] for d in range(4)}
+    late = {str(d): [late_loss * 60, 60] for d in range(4)}
+    return {"loss": loss, "tokens": 400, "documents": 4, "by_doc": docs,
+            "by_doc_late": {"from": 2048, "docs": late},
+            "by_position": {"0-2K": {"loss": loss}, "2K-8K": {"loss": late_loss}}}
+
+
+def test_the_ladder_shows_the_change_beyond_2k_against_the_control():
+    base, control, memory = _eval(1.0, 0.8), _eval(1.1, 1.0), _eval(0.99, 0.9)
+    rows = [{"name": "demo-base (no fine-tune)", "eval": base, "change": (0.0, 0.0, 0.0),
+             "late_vs_control": bootstrap_change(control, base, late=True)},
+            {"name": CONTROL, "eval": control, "change": bootstrap_change(base, control),
+             "late_vs_control": None},
+            {"name": "xl+knn, memory on", "eval": memory, "change": bootstrap_change(base, memory),
+             "late_vs_control": bootstrap_change(control, memory, late=True)}]
+    lines = format_ladder(rows)
+    memory_line = next(line for line in lines if "memory on" in line)
+    assert "-1.0% [-1.0, -1.0]" in memory_line  # whole documents against demo-base
+    assert memory_line.rstrip().endswith("-10.0% [-10.0, -10.0]")  # 0.9 vs 1.0 beyond 2K
+    control_line = next(line for line in lines if line.strip().startswith(CONTROL))
+    assert control_line.rstrip().endswith("+10.0% [+10.0, +10.0]")  # no column against itself
+    assert "-20.0% [-20.0, -20.0]" in lines[1]  # the base beyond 2K: 0.8 vs 1.0
