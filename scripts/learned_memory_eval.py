@@ -8,9 +8,13 @@ identically), this evaluates on each split:
 - the XL + kNN model with its memory off (capacity 0: the same weights, local attention
   only) and on.
 
+``--knnlm`` adds the training-free kNN-LM (65K entries) to demo-base, to the control and
+to the memory model, for the target "kNN memory + kNN-LM better than either alone".
+
 It prints the loss by position and the change beyond the first bucket (2K tokens) against
 the control and against demo-base, with 95% bootstrap intervals over documents
-(``evaluate.lm.bootstrap_change``). It writes every result to ``--out``.
+(``evaluate.lm.bootstrap_change``). It writes every result to ``--out``. Rerun with the
+same runs and ``--out``, it evaluates only the models not already there.
 
     python scripts/learned_memory_eval.py \\
         --control reports/cpu-small-s14/runs/xl-* --memory reports/cpu-small-s14/runs/xl+knn-* \\
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from memformers.cli import load_trained_model
 from memformers.data.corpus import CorpusSplit
+from memformers.demo import KNNLM
 from memformers.evaluate.lm import bootstrap_change, evaluate_lm
 
 BUCKETS = (0, 2048, 8192, 32768)
@@ -51,6 +56,7 @@ def main() -> None:
     ap.add_argument("--splits", default="test,valid")
     ap.add_argument("--doc-tokens", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=4, help="document streams at a time")
+    ap.add_argument("--knnlm", action="store_true", help="also every model + the kNN-LM")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     trained = json.loads((Path(args.memory) / "config.json").read_text())
@@ -63,12 +69,22 @@ def main() -> None:
               "XL control": (args.control, []),
               "XL + kNN, memory off": (args.memory, ["model.knn.capacity=0"]),
               "XL + kNN, memory on": (args.memory, [])}
+    if args.knnlm:
+        models.update({"demo-base + kNN-LM": ("demo-base", [KNNLM]),
+                       "XL control + kNN-LM": (args.control, [KNNLM]),
+                       "XL + kNN, memory on, + kNN-LM": (args.memory, [KNNLM])})
     out = Path(args.out)
     record = {"control": args.control, "memory": args.memory, "knn": knn_sets,
               "doc_tokens": args.doc_tokens, "splits": {}}
+    if out.is_file():  # resume: keep the rows an earlier run of the same models wrote
+        old = json.loads(out.read_text())
+        if all(old.get(k) == record[k] for k in ("control", "memory", "doc_tokens")):
+            record["splits"] = old["splits"]
     for split in args.splits.split(","):
-        rows = record["splits"][split] = {}
+        rows = record["splits"].setdefault(split, {})
         for name, (run, sets) in models.items():
+            if name in rows:
+                continue
             t0 = time.perf_counter()
             rows[name] = evaluate(run, sets, split, args.doc_tokens, args.batch)
             print(f"[{split}] {name}: {rows[name]['loss']:.4f} "
