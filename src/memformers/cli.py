@@ -165,6 +165,7 @@ def run_training(cfg, run_dir: Path, resume: bool, progress: bool) -> int:
 
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
     main = trainer.dist.is_main
+    finished = False
     try:
         if main:
             print(trainer.describe(), flush=True)
@@ -173,15 +174,16 @@ def run_training(cfg, run_dir: Path, resume: bool, progress: bool) -> int:
             if main:
                 print(f"stopped at step {result['stopped_at']}; checkpoint saved, continue "
                       "with --resume")
-            return 0
-        ev = trainer.evaluate()
-        if main:
-            trainer.task.write_result(ev, run_dir)
-            print(trainer.task.format_result(ev))
-            print(f"run saved in {run_dir}")
+        else:
+            ev = trainer.evaluate()
+            if main:
+                trainer.task.write_result(ev, run_dir)
+                print(trainer.task.format_result(ev))
+                print(f"run saved in {run_dir}")
+        finished = True
         return 0
     finally:
-        trainer.close()
+        trainer.close(finished)
 
 
 # ``memformers eval`` options that are lists, with the type of their items; every eval option

@@ -105,9 +105,17 @@ def backend() -> str:
     return dist.get_backend() if dist.is_initialized() else "none"
 
 
-def close_distributed(env: DistEnv) -> None:
+def close_distributed(env: DistEnv, wait_for_peers: bool = False) -> None:
+    """Leave the process group. ``wait_for_peers`` (a run that ended normally on every
+    rank): first a barrier, so that no rank tears its gloo group down while a peer is still
+    sending; that can abort the peer ("terminate called without an active exception", seen
+    on a loaded 2-core machine). After an error there is no barrier: a peer may never come."""
     if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait_for_peers:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- wrapping

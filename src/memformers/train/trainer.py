@@ -274,9 +274,10 @@ class Trainer:
             tqdm.write(f"init_from {weights}: new parameters left at init: {len(missing)} "
                        f"tensors ({', '.join(sorted({m.split('.')[-1] for m in missing}))})")
 
-    def close(self) -> None:
-        """Leave the process group (a no-op in a single process); release the run lock."""
-        distributed.close_distributed(self.dist)
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group (a no-op in a single process), after the other ranks if
+        the run ``finished`` normally; release the run lock."""
+        distributed.close_distributed(self.dist, wait_for_peers=finished)
         self.close_lock()
 
     def close_lock(self) -> None:
