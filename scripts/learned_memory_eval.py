@@ -28,20 +28,8 @@ import json
 import time
 from pathlib import Path
 
-from memformers.cli import load_trained_model
-from memformers.data.corpus import CorpusSplit
-from memformers.demo import KNNLM
-from memformers.evaluate.lm import bootstrap_change, evaluate_lm
-
-BUCKETS = (0, 2048, 8192, 32768)
-
-
-def evaluate(run: str, sets: list[str], split: str, doc_tokens: int, batch: int) -> dict:
-    cfg, model, tok = load_trained_model(run, sets)
-    data = CorpusSplit.open(Path(cfg.data.corpus), split)
-    return evaluate_lm(model, data, tok.token_bytes, batch_size=batch,
-                       segment_len=cfg.data.segment_len, max_doc_tokens=doc_tokens,
-                       buckets=BUCKETS, progress=False)
+from memformers.demo import KNNLM, evaluate_source
+from memformers.evaluate.lm import bootstrap_change
 
 
 def change(base: dict, other: dict, late: bool) -> str:
@@ -86,7 +74,8 @@ def main() -> None:
             if name in rows:
                 continue
             t0 = time.perf_counter()
-            rows[name] = evaluate(run, sets, split, args.doc_tokens, args.batch)
+            rows[name] = evaluate_source(run, sets, split, batch_size=args.batch,
+                                         max_doc_tokens=args.doc_tokens, progress=False)
             print(f"[{split}] {name}: {rows[name]['loss']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +100,7 @@ def table(record: dict) -> str:
             vs_ctl = change(rows["XL control"], r, True) if name != "XL control" else ""
             vs_base = change(rows["demo-base"], r, True) if name != "demo-base" else ""
             lines.append(f"| {name} | {r['loss']:.4f} | " + " | ".join(cells)
-                         + f" | {nll / n:.4f} | {vs_ctl} | {vs_base} |")
+                         + f" | {nll / n if n else float('nan'):.4f} | {vs_ctl} | {vs_base} |")
     return "\n".join(lines)
 
 

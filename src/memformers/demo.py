@@ -86,6 +86,20 @@ def headline(results: dict) -> list[str]:
 KNNLM = "model.knnlm.capacity=65536"
 
 
+def evaluate_source(source: str, sets: list[str], split: str | None = None,
+                    device: str = "auto", **kw) -> dict:
+    """``evaluate_lm`` of a run directory or shipped model (``source``) with ``--set``
+    items ``sets``, on ``split`` of its corpus (default: its eval split); ``kw``: the
+    evaluation's settings (batch_size, max_docs, max_doc_tokens, buckets, ...)."""
+    from memformers.cli import load_trained_model
+    from memformers.data.corpus import CorpusSplit
+    from memformers.evaluate.lm import evaluate_lm
+
+    cfg, model, tok = load_trained_model(source, sets, device)
+    data = CorpusSplit.open(Path(cfg.data.corpus), split or cfg.data.eval_split)
+    return evaluate_lm(model, data, tok.token_bytes, segment_len=cfg.data.segment_len, **kw)
+
+
 def memory_ladder(results: dict, cc, progress: bool) -> list[dict]:
     """Every way to add memory, on the same held-out tokens: the shipped base alone, with
     the training-free kNN-LM, with the kNN memory of the "xl+knn" variant's settings and no
@@ -94,9 +108,7 @@ def memory_ladder(results: dict, cc, progress: bool) -> list[dict]:
     the loss by position and its change against the base with a 95% bootstrap interval
     over documents, and (``late_vs_control``) the change beyond 2K tokens against the XL
     control, the comparison of the issue's target."""
-    from memformers.cli import load_trained_model
-    from memformers.data.corpus import CorpusSplit
-    from memformers.evaluate.lm import bootstrap_change, evaluate_lm
+    from memformers.evaluate.lm import bootstrap_change
 
     spec = cc.eval
     runs = {v["name"]: v["run_dir"] for v in results["variants"]}
@@ -116,11 +128,9 @@ def memory_ladder(results: dict, cc, progress: bool) -> list[dict]:
                    ("xl+knn + kNN-LM", runs["xl+knn"], [KNNLM])]
     rows, base = [], None
     for label, source, sets in ladder:
-        cfg, model, tok = load_trained_model(source, [*sets, "data.batch_size=4"], "cpu")
-        split = CorpusSplit.open(Path(cfg.data.corpus), spec.split or cfg.data.eval_split)
-        ev = evaluate_lm(model, split, tok.token_bytes, batch_size=4,
-                         segment_len=cfg.data.segment_len, max_docs=spec.max_docs,
-                         max_tokens=spec.max_tokens, progress=progress)
+        ev = evaluate_source(source, [*sets, "data.batch_size=4"], spec.split, "cpu",
+                             batch_size=4, max_docs=spec.max_docs, max_tokens=spec.max_tokens,
+                             progress=progress)
         base = base or ev
         rows.append({"name": label, "eval": ev, "change": bootstrap_change(base, ev)})
     control = next((r["eval"] for r in rows if r["name"] == CONTROL), None)
