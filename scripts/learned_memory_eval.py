@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from memformers.demo import KNNLM, evaluate_source
+from memformers.errors import MemformersError
 from memformers.evaluate.lm import bootstrap_change
 
 
@@ -47,7 +49,13 @@ def main() -> None:
     ap.add_argument("--knnlm", action="store_true", help="also every model + the kNN-LM")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    trained = json.loads((Path(args.memory) / "config.json").read_text())
+    configs = {}
+    for flag, run in (("--control", args.control), ("--memory", args.memory)):
+        try:  # both checked before any evaluation
+            configs[flag] = json.loads((Path(run) / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            fail(f"{flag} {run}: not a memformers run directory ({e.__class__.__name__})")
+    trained = configs["--memory"]
     knn = trained["model"]["knn"]
     knn_sets = [f"model.knn.{k}={json.dumps(knn[k])}"
                 for k in ("layers", "capacity", "normalize", "combine", "gate_init", "top_k")
@@ -104,5 +112,13 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MemformersError as e:  # e.g. a run's corpus is missing
+        fail(str(e))
