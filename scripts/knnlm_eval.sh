@@ -10,20 +10,9 @@
 set -euo pipefail
 out=${1:?usage: knnlm_eval.sh OUT_DIR}; shift
 mkdir -p "$out"
-pick() {  # $1 name, $2 source dir, $3 glob: 20 files of >= 16 KB, every k-th by path
-    local dir="$out/src-$1"
-    rm -rf "$dir" && mkdir -p "$dir"
-    find "$2" -name "$3" -size +16k -type f | sort > "$out/$1.all"
-    local n; n=$(wc -l < "$out/$1.all")
-    awk -v n="$n" 'NR % int(n / 20) == 0 && c < 20 { c++; print }' "$out/$1.all" > "$out/$1.files"
-    local i=0
-    while read -r f; do i=$((i + 1)); cp "$f" "$dir/$(printf %02d $i).txt"; done < "$out/$1.files"
-    memformers data build --source "$dir" --split 0,0,1 --out "$out/corpus-$1" --overwrite --quiet
-}
 [ -d data/stdlib-byte-grouped ] || memformers data build --group-by-package \
     --split 0.8,0.1,0.1 --out data/stdlib-byte-grouped --quiet
-pick perl /usr/share/perl '*.pm'
-pick cheaders /usr/include '*.h'
+bash "$(dirname "$0")/unseen_corpora.sh" "$out"
 common=(--split test --max-docs "${MAX_DOCS:-0}" --no-progress
         --set data.eval_max_doc_tokens=32768 --set "data.batch_size=${BATCH:-2}")
 # the kNN memory with no training: read in layers 2 (pretrained normalised) and 3 (its own
