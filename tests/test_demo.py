@@ -28,3 +28,30 @@ def test_the_ladder_shows_the_change_beyond_2k_against_the_control():
     control_line = next(line for line in lines if line.strip().startswith(CONTROL))
     assert control_line.rstrip().endswith("+10.0% [+10.0, +10.0]")  # no column against itself
     assert "-20.0% [-20.0, -20.0]" in lines[1]  # the base beyond 2K: 0.8 vs 1.0
+
+
+def test_learned_memory_eval_rejects_bad_runs_and_corpora_in_one_line(tmp_path):
+    """scripts/learned_memory_eval.py (the demo's ladder on the issue's protocol): a
+    directory that is not a run, or a --corpus that is not a corpus, is refused before
+    any evaluation, with one line on stderr and exit status 2, and writes nothing."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "learned_memory_eval.py"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"knn": {"capacity": 16}}}))
+    out = tmp_path / "out.json"
+    cases = [(["--control", str(tmp_path / "missing"), "--memory", str(run)], "--control"),
+             (["--control", str(run), "--memory", str(tmp_path)], "--memory"),
+             (["--control", str(run), "--memory", str(run), "--corpus", str(tmp_path)],
+              "--corpus")]
+    for args, flag in cases:
+        r = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {flag} "), r.stderr
+        assert not out.exists()
