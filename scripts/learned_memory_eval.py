@@ -18,7 +18,10 @@ to the memory model, for the target "kNN memory + kNN-LM better than either alon
 It prints the loss by position and the change beyond the first bucket (2K tokens) against
 the control and against demo-base, with 95% bootstrap intervals over documents
 (``evaluate.lm.bootstrap_change``). It writes every result to ``--out``. Rerun with the
-same runs and ``--out``, it evaluates only the models not already there.
+same runs and ``--out``, it evaluates only the models not already there. ``--reuse
+EARLIER.json`` takes the demo-base rows (which depend on neither run) from an earlier
+record of the same memory settings, corpus and document length, instead of recomputing
+them for every new pair of runs.
 
     python scripts/learned_memory_eval.py \\
         --control reports/cpu-small-s14/runs/xl-* --memory reports/cpu-small-s14/runs/xl+knn-* \\
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=4, help="document streams at a time")
     ap.add_argument("--knnlm", action="store_true", help="also every model + the kNN-LM")
+    ap.add_argument("--reuse", help="an earlier --out whose demo-base rows to take")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     configs = {}
@@ -86,6 +90,9 @@ def main() -> None:
         old = json.loads(out.read_text())
         if all(old.get(k) == record[k] for k in ("control", "memory", "corpus", "doc_tokens")):
             record["splits"] = old["splits"]
+    if args.reuse:
+        reuse_base_rows(record, args.reuse, args.splits.split(","),
+                        [n for n, (run, _) in models.items() if run == "demo-base"])
     for split in args.splits.split(","):
         rows = record["splits"].setdefault(split, {})
         for name, (run, sets) in models.items():
@@ -99,6 +106,26 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1))
     print(table(record))
+
+
+def reuse_base_rows(record: dict, path: str, splits: list[str], names: list[str]) -> None:
+    """Copy into ``record`` the rows ``names`` (models that read neither run) of
+    ``splits`` from the earlier record at ``path``, which must have scored the same memory
+    settings, corpus and document length; rows ``record`` already has are kept."""
+    try:
+        old = json.loads(Path(path).read_text())
+        same = all(old[k] == record[k] for k in ("knn", "corpus", "doc_tokens"))
+        earlier = {split: dict(old["splits"].get(split, {})) for split in splits}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        fail(f"--reuse {path}: not a learned_memory_eval record ({e.__class__.__name__})")
+    if not same:
+        fail(f"--reuse {path}: scored other memory settings, corpus or document length")
+    for split, rows in earlier.items():
+        kept = record["splits"].setdefault(split, {})
+        for name in names:
+            if name in rows and name not in kept:
+                kept[name] = rows[name]
+    record["reused"] = path
 
 
 def table(record: dict) -> str:

@@ -47,7 +47,9 @@ def test_learned_memory_eval_rejects_bad_runs_and_corpora_in_one_line(tmp_path):
     cases = [(["--control", str(tmp_path / "missing"), "--memory", str(run)], "--control"),
              (["--control", str(run), "--memory", str(tmp_path)], "--memory"),
              (["--control", str(run), "--memory", str(run), "--corpus", str(tmp_path)],
-              "--corpus")]
+              "--corpus"),
+             (["--control", str(run), "--memory", str(run), "--reuse", str(run / "config.json")],
+              "--reuse")]
     for args, flag in cases:
         r = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
                            capture_output=True, text=True)
@@ -55,3 +57,40 @@ def test_learned_memory_eval_rejects_bad_runs_and_corpora_in_one_line(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {flag} "), r.stderr
         assert not out.exists()
+
+
+def test_learned_memory_eval_reuses_only_the_base_rows_of_a_matching_record(tmp_path):
+    """--reuse copies the rows that read neither run (demo-base, alone or with a memory)
+    of the requested splits from an earlier record of the same memory settings, corpus
+    and document length, keeps rows already there, and refuses any other record."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "learned_memory_eval.py"
+    spec = importlib.util.spec_from_file_location("learned_memory_eval", script)
+    lme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lme)
+
+    def record(splits):
+        return {"control": "a", "memory": "b", "knn": ["model.knn.capacity=16"],
+                "corpus": None, "doc_tokens": 32768, "splits": splits}
+
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(record({
+        "test": {"demo-base": _eval(1.0, 0.8), "XL control": _eval(2.0, 2.0)},
+        "valid": {"demo-base": _eval(3.0, 3.0)}})))
+    now = record({"test": {"demo-base": _eval(0.5, 0.5)}})
+    lme.reuse_base_rows(now, str(earlier), ["test", "valid", "train"], ["demo-base"])
+    assert now["splits"]["test"] == {"demo-base": _eval(0.5, 0.5)}  # kept; no run's rows
+    assert now["splits"]["valid"] == {"demo-base": _eval(3.0, 3.0)}
+    assert now["splits"]["train"] == {}
+    assert now["reused"] == str(earlier)
+
+    other = record({})
+    other["doc_tokens"] = 4096
+    with pytest.raises(SystemExit) as e:
+        lme.reuse_base_rows(other, str(earlier), ["test"], ["demo-base"])
+    assert e.value.code == 2
