@@ -114,7 +114,8 @@ def reuse_base_rows(record: dict, path: str, splits: list[str], names: list[str]
     settings, corpus and document length; rows ``record`` already has are kept."""
     try:
         old = json.loads(Path(path).read_text())
-        same = all(old[k] == record[k] for k in ("knn", "corpus", "doc_tokens"))
+        same = (all(old[k] == record[k] for k in ("knn", "doc_tokens"))  # no "corpus":
+                and old.get("corpus") == record["corpus"])  # from before --corpus existed
         earlier = {split: dict(old["splits"].get(split, {})) for split in splits}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"--reuse {path}: not a learned_memory_eval record ({e.__class__.__name__})")

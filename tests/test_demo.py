@@ -79,9 +79,10 @@ def test_learned_memory_eval_reuses_only_the_base_rows_of_a_matching_record(tmp_
                 "corpus": None, "doc_tokens": 32768, "splits": splits}
 
     earlier = tmp_path / "earlier.json"
-    earlier.write_text(json.dumps(record({
-        "test": {"demo-base": _eval(1.0, 0.8), "XL control": _eval(2.0, 2.0)},
-        "valid": {"demo-base": _eval(3.0, 3.0)}})))
+    old = record({"test": {"demo-base": _eval(1.0, 0.8), "XL control": _eval(2.0, 2.0)},
+                  "valid": {"demo-base": _eval(3.0, 3.0)}})
+    del old["corpus"]  # records from before --corpus scored the runs' own corpus
+    earlier.write_text(json.dumps(old))
     now = record({"test": {"demo-base": _eval(0.5, 0.5)}})
     lme.reuse_base_rows(now, str(earlier), ["test", "valid", "train"], ["demo-base"])
     assert now["splits"]["test"] == {"demo-base": _eval(0.5, 0.5)}  # kept; no run's rows
@@ -89,8 +90,9 @@ def test_learned_memory_eval_reuses_only_the_base_rows_of_a_matching_record(tmp_
     assert now["splits"]["train"] == {}
     assert now["reused"] == str(earlier)
 
-    other = record({})
-    other["doc_tokens"] = 4096
-    with pytest.raises(SystemExit) as e:
-        lme.reuse_base_rows(other, str(earlier), ["test"], ["demo-base"])
-    assert e.value.code == 2
+    for key, value in (("doc_tokens", 4096), ("corpus", "runs/unseen/corpus-perl")):
+        other = record({})
+        other[key] = value
+        with pytest.raises(SystemExit) as e:
+            lme.reuse_base_rows(other, str(earlier), ["test"], ["demo-base"])
+        assert e.value.code == 2
