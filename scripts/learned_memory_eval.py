@@ -88,12 +88,13 @@ def main() -> None:
               "corpus": args.corpus, "doc_tokens": args.doc_tokens, "splits": {}}
     if out.is_file():  # resume: keep the rows an earlier run of the same models wrote
         old = json.loads(out.read_text())
-        if all(old.get(k) == record[k] for k in ("control", "memory", "corpus", "doc_tokens")):
+        if scored_alike(old, record, ("control", "memory", "corpus", "doc_tokens")):
             record["splits"] = old["splits"]
+    splits = args.splits.split(",")
     if args.reuse:
-        reuse_base_rows(record, args.reuse, args.splits.split(","),
+        reuse_base_rows(record, args.reuse, splits,
                         [n for n, (run, _) in models.items() if run == "demo-base"])
-    for split in args.splits.split(","):
+    for split in splits:
         rows = record["splits"].setdefault(split, {})
         for name, (run, sets) in models.items():
             if name in rows:
@@ -112,11 +113,10 @@ def reuse_base_rows(record: dict, path: str, splits: list[str], names: list[str]
     """Copy into ``record`` the rows ``names`` (models that read neither run) of
     ``splits`` from the earlier record at ``path``, which must have scored the same memory
     settings, corpus and document length; rows ``record`` already has are kept."""
-    try:
+    try:  # a record from before --corpus has no "corpus": it scored the runs' own
         old = json.loads(Path(path).read_text())
-        same = (all(old[k] == record[k] for k in ("knn", "doc_tokens"))  # no "corpus":
-                and old.get("corpus") == record["corpus"])  # from before --corpus existed
-        earlier = {split: dict(old["splits"].get(split, {})) for split in splits}
+        same = scored_alike(old, record, ("knn", "corpus", "doc_tokens"))
+        earlier = {split: dict(old["splits"].get(split, {})) for split in splits} if same else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"--reuse {path}: not a learned_memory_eval record ({e.__class__.__name__})")
     if not same:
@@ -127,6 +127,12 @@ def reuse_base_rows(record: dict, path: str, splits: list[str], names: list[str]
             if name in rows and name not in kept:
                 kept[name] = rows[name]
     record["reused"] = path
+
+
+def scored_alike(old: dict, record: dict, keys: tuple[str, ...]) -> bool:
+    """Whether an earlier record ``old`` has the same ``keys`` as ``record`` (a key it
+    lacks counts as None)."""
+    return all(old.get(k) == record[k] for k in keys)
 
 
 def table(record: dict) -> str:
