@@ -13,11 +13,7 @@ never-seen Perl and C headers of ``scripts/unseen_corpora.sh``, whose documents 
 ``test``), for the issue's check that the gains hold beyond Python source.
 
 ``--knnlm`` adds the training-free kNN-LM (65K entries) to demo-base, to the control and
-to the memory model, for the target "kNN memory + kNN-LM better than either alone". Its
-lambda and temperature are the defaults, chosen for demo-base. ``--knnlm-tuned`` adds the
-control and the memory model each with its own, read from ``RUN/knnlm.json``, which
-``memformers knnlm-tune RUN --split valid`` writes: a model that already reads the past
-may want less of the kNN-LM. Report those rows on test; on valid they are in-sample.
+to the memory model, for the target "kNN memory + kNN-LM better than either alone".
 
 It prints the loss by position and the change beyond the first bucket (2K tokens) against
 the control and against demo-base, with 95% bootstrap intervals over documents
@@ -59,8 +55,6 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=4, help="document streams at a time")
     ap.add_argument("--knnlm", action="store_true", help="also every model + the kNN-LM")
-    ap.add_argument("--knnlm-tuned", action="store_true",
-                    help="also the runs + the kNN-LM at their own RUN/knnlm.json")
     ap.add_argument("--reuse", help="an earlier --out whose demo-base rows to take")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -70,8 +64,6 @@ def main() -> None:
             configs[flag] = json.loads((Path(run) / "config.json").read_text())
         except (OSError, ValueError) as e:
             fail(f"{flag} {run}: not a memformers run directory ({e.__class__.__name__})")
-    tuned = {flag: tuned_knnlm(run) for flag, run in
-             (("--control", args.control), ("--memory", args.memory)) if args.knnlm_tuned}
     if args.corpus and not (Path(args.corpus) / "manifest.json").is_file():
         fail(f"--corpus {args.corpus}: not a memformers corpus (no manifest.json)")
     trained = configs["--memory"]
@@ -88,10 +80,6 @@ def main() -> None:
         models.update({"demo-base + kNN-LM": ("demo-base", [KNNLM]),
                        "XL control + kNN-LM": (args.control, [KNNLM]),
                        "XL + kNN, memory on, + kNN-LM": (args.memory, [KNNLM])})
-    if tuned:
-        models.update({"XL control + kNN-LM tuned on valid": (args.control, tuned["--control"]),
-                       "XL + kNN, memory on, + kNN-LM tuned on valid":
-                           (args.memory, tuned["--memory"])})
     if args.corpus:  # every model reads the same other corpus
         models = {name: (run, [*sets, f"data.corpus={args.corpus}"])
                   for name, (run, sets) in models.items()}
@@ -119,24 +107,6 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1))
     print(table(record))
-
-
-def tuned_knnlm(run: str) -> list[str]:
-    """The kNN-LM settings with the lambda and temperature ``memformers knnlm-tune RUN
-    --split valid`` chose for the run (its RUN/knnlm.json)."""
-    path = Path(run) / "knnlm.json"
-    try:
-        tune = json.loads(path.read_text())
-        best, split = tune["best"], tune["split"]
-        lam, temperature = float(best["lam"]), float(best["temperature"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"--knnlm-tuned: no tuning record {path} ({e.__class__.__name__}); run "
-             f"memformers knnlm-tune {run} --split valid first")
-    if split != "valid":
-        fail(f"--knnlm-tuned: {path} was tuned on {split}, not valid")
-    if KNNLM not in tune.get("settings", []):
-        fail(f"--knnlm-tuned: {path} was tuned without {KNNLM}")
-    return [KNNLM, f"model.knnlm.lam={lam}", f"model.knnlm.temperature={temperature}"]
 
 
 def reuse_base_rows(record: dict, path: str, splits: list[str], names: list[str]) -> None:

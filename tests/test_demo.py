@@ -96,36 +96,3 @@ def test_learned_memory_eval_reuses_only_the_base_rows_of_a_matching_record(tmp_
         with pytest.raises(SystemExit) as e:
             lme.reuse_base_rows(other, str(earlier), ["test"], ["demo-base"])
         assert e.value.code == 2
-
-
-def test_learned_memory_eval_reads_each_runs_own_valid_tuning(tmp_path):
-    """--knnlm-tuned: a run's kNN-LM takes the lambda and temperature its knnlm.json (from
-    `memformers knnlm-tune RUN --split valid`) chose; a run without one, or tuned on
-    another split or datastore size, is refused with exit status 2."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    import pytest
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "learned_memory_eval.py"
-    spec = importlib.util.spec_from_file_location("learned_memory_eval", script)
-    lme = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lme)
-
-    def tuned(split="valid", settings=("model.knnlm.capacity=65536",)):
-        (tmp_path / "knnlm.json").write_text(json.dumps(
-            {"split": split, "settings": list(settings),
-             "best": {"lam": 0.25, "temperature": 0.05, "loss": 0.7}}))
-        return lme.tuned_knnlm(str(tmp_path))
-
-    assert tuned() == ["model.knnlm.capacity=65536", "model.knnlm.lam=0.25",
-                       "model.knnlm.temperature=0.05"]
-    for bad in (dict(split="test"), dict(settings=("model.knnlm.capacity=8192",))):
-        with pytest.raises(SystemExit) as e:
-            tuned(**bad)
-        assert e.value.code == 2
-    (tmp_path / "knnlm.json").unlink()
-    with pytest.raises(SystemExit) as e:
-        lme.tuned_knnlm(str(tmp_path))
-    assert e.value.code == 2
