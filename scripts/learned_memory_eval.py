@@ -90,6 +90,8 @@ def main() -> None:
         old = json.loads(out.read_text())
         if scored_alike(old, record, ("control", "memory", "corpus", "doc_tokens")):
             record["splits"] = old["splits"]
+            if "reused" in old:  # where its base rows came from
+                record["reused"] = old["reused"]
     splits = args.splits.split(",")
     if args.reuse:
         reuse_base_rows(record, args.reuse, splits,
@@ -136,23 +138,25 @@ def scored_alike(old: dict, record: dict, keys: tuple[str, ...]) -> bool:
 
 
 def table(record: dict) -> str:
+    """Each split's rows: the loss by position and beyond 2K, and the change beyond 2K
+    against the XL control, demo-base and (with --knnlm) demo-base + kNN-LM."""
     lines = []
     for split, rows in record["splits"].items():
         first = rows["demo-base"]
         names = list(first["by_position"])
+        refs = [r for r in ("XL control", "demo-base", "demo-base + kNN-LM") if r in rows]
         lines += [f"\n{split}: {first['documents']} documents, {first['tokens']:,} tokens "
                   f"(every token up to {record['doc_tokens']:,} per document)",
-                  "| model | all | " + " | ".join(names) + " | beyond 2K | vs XL control "
-                  "| vs demo-base |",
-                  "|---|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
+                  "| model | all | " + " | ".join(names) + " | beyond 2K | "
+                  + " | ".join(f"vs {ref}" for ref in refs) + " |",
+                  "|---|---:|" + "---:|" * (len(names) + 1 + len(refs))]
         for name, r in rows.items():
             late = r["by_doc_late"]["docs"]
             nll, n = sum(v[0] for v in late.values()), sum(v[1] for v in late.values())
             cells = [f"{r['by_position'][b]['loss']:.4f}" for b in names]
-            vs_ctl = change(rows["XL control"], r, True) if name != "XL control" else ""
-            vs_base = change(rows["demo-base"], r, True) if name != "demo-base" else ""
-            lines.append(f"| {name} | {r['loss']:.4f} | " + " | ".join(cells)
-                         + f" | {nll / n if n else float('nan'):.4f} | {vs_ctl} | {vs_base} |")
+            cells.append(f"{nll / n if n else float('nan'):.4f}")
+            cells += [change(rows[ref], r, True) if name != ref else "" for ref in refs]
+            lines.append(f"| {name} | {r['loss']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -96,3 +96,51 @@ def test_learned_memory_eval_reuses_only_the_base_rows_of_a_matching_record(tmp_
         with pytest.raises(SystemExit) as e:
             lme.reuse_base_rows(other, str(earlier), ["test"], ["demo-base"])
         assert e.value.code == 2
+
+
+def test_learned_memory_eval_resumes_without_rescoring_and_keeps_provenance(tmp_path,
+                                                                           monkeypatch):
+    """Rerun with the same runs and --out, the script scores only the models the record
+    lacks (here the --knnlm rows), keeps the others' figures, and keeps the --reuse source
+    of the base rows; a record of other runs is started afresh."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "learned_memory_eval.py"
+    spec = importlib.util.spec_from_file_location("learned_memory_eval", script)
+    lme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lme)
+    for name in ("control", "memory"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(
+            json.dumps({"model": {"knn": {"capacity": 16, "layers": [1]}}}))
+    scored = []
+
+    def fake_eval(run, sets, split, **kw):
+        scored.append((Path(run).name, tuple(sets), split))
+        return _eval(1.0 + 0.01 * len(scored), 0.9)
+
+    monkeypatch.setattr(lme, "evaluate_source", fake_eval)
+    out = tmp_path / "out.json"
+    argv = ["x", "--control", str(tmp_path / "control"), "--memory", str(tmp_path / "memory"),
+            "--splits", "test", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    lme.main()
+    first = json.loads(out.read_text())
+    assert len(scored) == 5  # demo-base alone and with the memory, control, off, on
+    first["reused"] = "earlier.json"
+    out.write_text(json.dumps(first))
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--knnlm"])
+    lme.main()
+    second = json.loads(out.read_text())
+    assert len(scored) == 8 and all(lme.KNNLM in sets for _, sets, _ in scored[5:])
+    assert second["reused"] == "earlier.json"
+    for name, row in first["splits"]["test"].items():
+        assert second["splits"]["test"][name] == row
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--doc-tokens", "4096"])
+    lme.main()  # another document length: nothing is kept
+    assert len(scored) == 13 and "reused" not in json.loads(out.read_text())
